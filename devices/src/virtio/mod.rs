@@ -1,0 +1,138 @@
+//! Virtio devices and the transport they sit behind.
+//!
+//! A device implements [`VirtioDevice`] (features, config space, activation)
+//! and `event_manager::MutEventSubscriber` (queue processing on the VMM event
+//! loop). The transport (`mmio`) owns the register interface the driver sees
+//! and hands the configured queues to the device when the driver sets
+//! DRIVER_OK. Queue notifications reach the device as KVM ioeventfds
+//! ([`VirtioDevice::queue_events`]), interrupts leave it through
+//! [`VirtioInterrupt`] (an irqfd).
+
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use virtio_queue::Queue;
+
+/// Guest memory as devices see it: swapped atomically when memory is plugged.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// `VIRTIO_F_VERSION_1`: the only device model tidevm offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const INTERRUPT_STATUS_USED_RING: u32 = 0x1;
+/// Interrupt status bit: the device configuration changed.
+pub const INTERRUPT_STATUS_CONFIG_CHANGED: u32 = 0x2;
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver configured {got} queues; the device needs {expected}.
+    #[error("the driver configured {got} queues; the device needs {expected}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues the driver made ready.
+        got: usize,
+    },
+    /// The device cannot work with the acked features.
+    #[error("unsupported feature set {0:#x}")]
+    Features(u64),
+}
+
+/// What a virtio interrupt is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// Used buffers were returned on a queue.
+    Queue,
+    /// The configuration space changed.
+    Config,
+}
+
+/// The interrupt line of one virtio device: an ISR status word plus an
+/// irqfd that KVM turns into a guest interrupt.
+#[derive(Debug)]
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl VirtioInterrupt {
+    /// An interrupt signalled through `irq` (registered as a KVM irqfd).
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Sets the status bit for `kind` and raises the interrupt.
+    pub fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
+        let bit = match kind {
+            InterruptKind::Queue => INTERRUPT_STATUS_USED_RING,
+            InterruptKind::Config => INTERRUPT_STATUS_CONFIG_CHANGED,
+        };
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irq.write(1)
+    }
+
+    /// The current ISR status bits.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the bits the driver acknowledged.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears all bits (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// The irqfd behind this interrupt.
+    pub fn irq_fd(&self) -> &EventFd {
+        &self.irq
+    }
+}
+
+/// A virtio device model, independent of the transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (2 = block, 5 = balloon, 24 = memory, ...).
+    fn device_type(&self) -> u32;
+
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers (including [`VIRTIO_F_VERSION_1`]).
+    fn avail_features(&self) -> u64;
+
+    /// Records the features the driver accepted (a subset of the offer).
+    fn set_acked_features(&mut self, features: u64);
+
+    /// Reads device configuration space at `offset`; out-of-range bytes read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes device configuration space; devices ignore what is read-only.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// One eventfd per queue, signalled (by KVM ioeventfd) when the driver
+    /// notifies that queue. Created with the device, valid for its life.
+    fn queue_events(&self) -> &[EventFd];
+
+    /// Starts the device with the queues the driver configured.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: std::sync::Arc<VirtioInterrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+
+    /// Stops the device and drops its queues (driver wrote status 0).
+    fn reset(&mut self);
+}

@@ -1,0 +1,1 @@
+//! End-to-end test helpers (guest assets, running tidevm, talking to its API).
