@@ -105,7 +105,7 @@ mod tests {
     struct Echo(u8);
     impl BusDevice for Echo {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(self.0.wrapping_add(offset as u8));
+            data.fill(self.0.wrapping_add(u8::try_from(offset % 256).unwrap()));
         }
         fn write(&mut self, _offset: u64, data: &[u8]) {
             self.0 = data[0];
@@ -115,15 +115,23 @@ mod tests {
     #[test]
     fn dispatches_by_range_and_rejects_overlap() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10).unwrap();
-        bus.insert(Arc::new(Mutex::new(Echo(50))), 0x110, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10)
+            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(50))), 0x110, 0x10)
+            .unwrap();
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), 0x10f, 2),
-            Err(BusError::Overlap { base: 0x10f, len: 2 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 2
+            })
         );
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Echo(0))), 0xf0, 0x11),
-            Err(BusError::Overlap { base: 0xf0, len: 0x11 })
+            Err(BusError::Overlap {
+                base: 0xf0,
+                len: 0x11
+            })
         );
         let mut b = [0u8; 1];
         assert!(bus.read(0x103, &mut b));
@@ -133,6 +141,8 @@ mod tests {
         assert_eq!(b[0], 7);
         assert!(!bus.read(0x120, &mut b));
         assert!(!bus.read(0xff, &mut b));
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2).is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2)
+            .is_err());
     }
 }

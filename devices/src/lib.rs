@@ -5,6 +5,7 @@
 //! `event_manager::MutEventSubscriber`: the VMM event loop owns their I/O.
 
 pub mod bus;
+pub mod discard;
 pub mod legacy;
 pub mod virtio;
 

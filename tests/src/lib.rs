@@ -1,1 +1,299 @@
-//! End-to-end test helpers (guest assets, running tidevm, talking to its API).
+//! End-to-end test support: guest assets, a running `tidevm` with its
+//! serial console and API, and what the host sees of it (RSS).
+//!
+//! The tests need a `/dev/kvm` that boots Linux. `tools/test` runs them
+//! inside the nested harness when the local one cannot, and sets
+//! `TIDEVM_E2E=1`; run directly, they stop with a message saying so.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub use api_server::client;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// Fails the test unless it runs under `tools/test`.
+pub fn require_e2e() {
+    assert!(
+        std::env::var_os("TIDEVM_E2E").is_some(),
+        "end-to-end tests boot real guests and need a /dev/kvm that can: run them with tools/test"
+    );
+}
+
+/// The tidevm binary under test.
+pub fn tidevm_bin() -> PathBuf {
+    std::env::var_os("TIDEVM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/tidevm"))
+}
+
+/// Guest assets built by `tools/guest-assets`.
+pub fn asset(name: &str) -> PathBuf {
+    let path = repo_root().join("build/assets").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run tools/guest-assets",
+        path.display()
+    );
+    path
+}
+
+/// A writable directory for this test's files (sockets, disk copies).
+pub fn work_dir(test: &str) -> PathBuf {
+    let base = std::env::var_os("TIDEVM_E2E_WORK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("build/e2e-work"));
+    let dir = base.join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create work dir");
+    dir
+}
+
+/// Builds an initramfs that runs `scenario` (a shell script) as the
+/// guest's workload, then reboots. Cached by content.
+pub fn initramfs(work: &Path, scenario: &str) -> PathBuf {
+    let script = work.join("scenario.sh");
+    std::fs::write(&script, scenario).expect("write scenario");
+    let out = work.join("initramfs.cpio.gz");
+    let status = Command::new(repo_root().join("tools/guest-assets"))
+        .args(["initramfs", "--scenario"])
+        .arg(&script)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("run tools/guest-assets");
+    assert!(status.success(), "tools/guest-assets initramfs failed");
+    out
+}
+
+/// A running tidevm whose serial console is read line by line.
+pub struct Vm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    /// API socket, when one was asked for.
+    pub api_socket: Option<PathBuf>,
+    /// When tidevm was started.
+    pub started: Instant,
+}
+
+/// Default kernel command line for test guests.
+pub const TEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet loglevel=4";
+
+impl Vm {
+    /// Starts `tidevm` with `args` (serial console on its stdout).
+    pub fn start(args: &[String], api_socket: Option<PathBuf>) -> Vm {
+        let mut cmd = Command::new(tidevm_bin());
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(sock) = &api_socket {
+            cmd.arg("--api-socket").arg(sock);
+        }
+        let mut child = cmd.spawn().expect("start tidevm");
+        let lines: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let stdout = child.stdout.take().expect("stdout");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\r')
+                    .to_string();
+                eprintln!("guest| {line}");
+                let (lock, cv) = &*sink;
+                lock.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        let stderr_lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = stderr_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("tidevm| {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let stdin = child.stdin.take();
+        Vm {
+            child,
+            stdin,
+            lines,
+            stderr: stderr_lines,
+            api_socket,
+            started: Instant::now(),
+        }
+    }
+
+    /// Waits for a console line containing `needle`; returns the line.
+    /// Lines before `from` (an index into the console) are skipped.
+    pub fn wait_for_from(&self, from: usize, needle: &str, timeout: Duration) -> (usize, String) {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.lines;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some((i, l)) = lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| l.contains(needle))
+            {
+                return (i, l.clone());
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out after {timeout:?} waiting for console line '{needle}'; stderr:\n{}",
+                self.stderr.lock().unwrap().join("\n")
+            );
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for a console line containing `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_from(0, needle, timeout).1
+    }
+
+    /// Number of console lines so far.
+    pub fn line_count(&self) -> usize {
+        self.lines.0.lock().unwrap().len()
+    }
+
+    /// The value of the first `KEY=VALUE` console line after `from`.
+    pub fn value_from(&self, from: usize, key: &str, timeout: Duration) -> (usize, String) {
+        let prefix = format!("{key}=");
+        let (i, line) = self.wait_for_from(from, &prefix, timeout);
+        let value = line
+            .split_once(&prefix)
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default();
+        (i, value)
+    }
+
+    /// Sends a line to the guest's serial console.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Sends a command to the guest and returns the `KEY=VALUE` answer.
+    pub fn ask(&mut self, command: &str, key: &str, timeout: Duration) -> String {
+        let from = self.line_count();
+        self.send(command);
+        self.value_from(from, key, timeout).1
+    }
+
+    /// Everything tidevm wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits for tidevm to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait tidevm") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "tidevm did not exit within {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// tidevm's resident set size in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
+    /// An API call: `(status, body)`.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let sock = self
+            .api_socket
+            .as_ref()
+            .expect("VM started without an API socket");
+        client::request(sock, method, path, body).expect("API request")
+    }
+
+    /// An API call expected to succeed with a JSON body.
+    pub fn api_json(&self, method: &str, path: &str) -> serde_json::Value {
+        let (status, body) = self.api(method, path, None);
+        assert_eq!(status, 200, "{method} {path}: {body}");
+        serde_json::from_str(&body).expect("JSON body")
+    }
+
+    /// Waits for the API socket to accept requests.
+    pub fn wait_api(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let sock = self.api_socket.as_ref().expect("no API socket");
+        while client::request(sock, "GET", "/vm/info", None).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "API socket never answered; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Turns `&str`s into the `Vec<String>` `Vm::start` takes.
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// MiB.
+pub const MIB: u64 = 1 << 20;
+/// GiB.
+pub const GIB: u64 = 1 << 30;

@@ -1,1 +1,42 @@
-fn main() {}
+//! The `tidevm` binary: parse the command line, run the VM, map how it
+//! ended to an exit code (0 guest power-off or reboot, 1 guest crash or VMM
+//! error, 2 bad command line).
+
+use std::process::ExitCode;
+
+use vmm::config::{parse_args, Command, USAGE};
+use vmm::ExitReason;
+
+fn main() -> ExitCode {
+    vmm::logger::init();
+    let config = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("tidevm {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Run(config)) => config,
+        Err(e) => {
+            eprintln!("tidevm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match vmm::run(*config) {
+        Ok(ExitReason::PowerOff) | Ok(ExitReason::Reset) => ExitCode::SUCCESS,
+        Ok(ExitReason::Crashed(why)) => {
+            eprintln!("tidevm: guest crashed: {why}");
+            ExitCode::FAILURE
+        }
+        Ok(ExitReason::Error(why)) => {
+            eprintln!("tidevm: {why}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tidevm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -8,6 +8,9 @@
 //! ([`VirtioDevice::queue_events`]), interrupts leave it through
 //! [`VirtioInterrupt`] (an irqfd).
 
+pub mod balloon;
+pub mod block;
+pub mod mem;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -126,6 +129,10 @@ pub trait VirtioDevice: Send {
     fn queue_events(&self) -> &[EventFd];
 
     /// Starts the device with the queues the driver configured.
+    ///
+    /// The mmio transport passes the queues the driver made ready, in
+    /// queue-index order, each checked with `QueueT::is_valid` and with event
+    /// index suppression enabled if `VIRTIO_RING_F_EVENT_IDX` was acked.
     fn activate(
         &mut self,
         mem: GuestMemory,

@@ -1,0 +1,124 @@
+//! Request and response bodies of the REST API.
+//!
+//! These types are the API contract (see `resources/openapi.yaml`). They derive both
+//! `Serialize` and `Deserialize` so that the VMM, tests and clients share them. Request bodies
+//! reject unknown fields; response bodies accept them, so that older clients keep working when
+//! fields are added.
+
+use serde::{Deserialize, Serialize};
+
+/// Body of `PUT /vm/memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryResizeRequest {
+    /// Total guest memory wanted, in bytes: boot memory + hotplugged memory - ballooned memory.
+    pub requested_size: u64,
+}
+
+/// Body of `PUT /vm/balloon`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// New balloon target size, in bytes (memory taken away from the guest).
+    pub size: u64,
+}
+
+/// Body of the response to `GET /vm/info`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// VM state, e.g. `"Running"`, `"Paused"`, `"ShuttingDown"`.
+    pub state: String,
+    /// VM configuration, as supplied by the VMM.
+    pub config: serde_json::Value,
+    /// Time since the VM started, in milliseconds.
+    pub uptime_ms: u64,
+}
+
+/// Body of the response to `GET /vm/memory`. All sizes are in bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    /// Memory the guest booted with.
+    pub boot_size: u64,
+    /// Size of the hotplug region (maximum memory that can be hotplugged); 0 without one.
+    pub hotplug_size: u64,
+    /// Last requested total guest memory (boot + hotplugged - ballooned).
+    pub requested_size: u64,
+    /// Memory currently plugged into the hotplug region.
+    pub plugged_size: u64,
+    /// Hotplug granularity; `requested_size` must be a multiple of it.
+    pub block_size: u64,
+    /// Size of one KVM memory slot of the hotplug region.
+    pub slot_size: u64,
+    /// Number of KVM memory slots currently in use.
+    pub memslots_in_use: u32,
+    /// Hotplug mechanism: `"virtio-mem"` or `"none"`.
+    pub hotplug_method: String,
+    /// Balloon target size, if a balloon is configured.
+    pub balloon_target_size: Option<u64>,
+    /// Balloon size reported by the guest, if a balloon is configured.
+    pub balloon_actual_size: Option<u64>,
+}
+
+/// Body of the response to `GET /vm/balloon`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonInfo {
+    /// Balloon target size, in bytes.
+    pub target_size: u64,
+    /// Balloon size reported by the guest, in bytes.
+    pub actual_size: u64,
+    /// Whether the guest may deflate the balloon when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Whether free page reporting is enabled.
+    pub free_page_reporting: bool,
+    /// Statistics polling interval in seconds; 0 when statistics are disabled.
+    pub stats_period_s: u64,
+    /// virtio feature bits negotiated with the guest driver.
+    pub features_negotiated: u64,
+}
+
+/// Body of the response to `GET /vm/balloon/statistics`.
+///
+/// Every field is `null` when the guest has not reported it. Memory amounts are in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStatistics {
+    /// Milliseconds since VM start at which the guest last reported statistics.
+    #[serde(default)]
+    pub last_update_ms: Option<u64>,
+    /// Amount of memory swapped in.
+    #[serde(default)]
+    pub swap_in: Option<u64>,
+    /// Amount of memory swapped out.
+    #[serde(default)]
+    pub swap_out: Option<u64>,
+    /// Number of major page faults.
+    #[serde(default)]
+    pub major_faults: Option<u64>,
+    /// Number of minor page faults.
+    #[serde(default)]
+    pub minor_faults: Option<u64>,
+    /// Memory not used at all by the guest.
+    #[serde(default)]
+    pub free_memory: Option<u64>,
+    /// Total memory available to the guest.
+    #[serde(default)]
+    pub total_memory: Option<u64>,
+    /// Estimate of memory available for starting new applications.
+    #[serde(default)]
+    pub available_memory: Option<u64>,
+    /// Memory that can be reclaimed quickly (disk caches).
+    #[serde(default)]
+    pub disk_caches: Option<u64>,
+    /// Number of successful hugetlb page allocations.
+    #[serde(default)]
+    pub hugetlb_allocations: Option<u64>,
+    /// Number of failed hugetlb page allocations.
+    #[serde(default)]
+    pub hugetlb_failures: Option<u64>,
+}
+
+/// Body of every error response: `{"error": "<message>"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Human-readable description of what went wrong.
+    pub error: String,
+}

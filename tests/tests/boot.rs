@@ -1,0 +1,141 @@
+//! Booting real Linux guests: ELF and bzImage kernels, SMP, memory size,
+//! ACPI, the serial console, virtio-blk, and a clean exit on reboot.
+
+use std::time::Duration;
+
+use e2e::*;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Prints what the guest sees of its hardware, then reboots.
+const REPORT: &str = r#"
+results_begin
+kv CPUS "$(nproc)"
+kv MEMTOTAL_KB "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)"
+kv ACPI_DSDT "$(test -e /sys/firmware/acpi/tables/DSDT && echo yes || echo no)"
+kv RSDP_MISSING "$(dmesg | grep -c 'A valid RSDP was not found')"
+kv CONSOLE "$(cat /proc/consoles | awk '{print $1}' | head -1)"
+results_end
+"#;
+
+fn boot_and_report(kernel: &str, cpus: u32, mem_mib: u64) {
+    require_e2e();
+    let work = work_dir(&format!("boot-{kernel}-{cpus}"));
+    let initrd = initramfs(&work, REPORT);
+    let mut vm = Vm::start(
+        &args(&[
+            "--kernel",
+            asset(kernel).to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            TEST_CMDLINE,
+            "--cpus",
+            &cpus.to_string(),
+            "--memory",
+            &format!("{mem_mib}M"),
+        ]),
+        None,
+    );
+    vm.wait_for("TIDEVM-RESULTS-BEGIN", BOOT_TIMEOUT);
+    let t = Duration::from_secs(30);
+    assert_eq!(
+        vm.value_from(0, "CPUS", t).1,
+        cpus.to_string(),
+        "guest CPUs online"
+    );
+    let mem_kib: u64 = vm.value_from(0, "MEMTOTAL_KB", t).1.parse().unwrap();
+    let configured_kib = mem_mib * 1024;
+    assert!(
+        mem_kib <= configured_kib && mem_kib >= configured_kib * 85 / 100,
+        "MemTotal {mem_kib} KiB is not consistent with --memory {mem_mib}M"
+    );
+    assert_eq!(
+        vm.value_from(0, "ACPI_DSDT", t).1,
+        "yes",
+        "guest found the ACPI tables"
+    );
+    assert_eq!(vm.value_from(0, "RSDP_MISSING", t).1, "0");
+    assert_eq!(
+        vm.value_from(0, "CONSOLE", t).1,
+        "ttyS0",
+        "userspace prints through the UART"
+    );
+    let status = vm.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "guest reboot ends tidevm with 0; stderr:\n{}",
+        vm.stderr()
+    );
+}
+
+#[test]
+fn elf_vmlinux_boots_with_two_cpus() {
+    boot_and_report("vmlinux", 2, 512);
+}
+
+#[test]
+fn bzimage_boots_with_one_cpu() {
+    boot_and_report("bzImage", 1, 768);
+}
+
+#[test]
+fn virtio_blk_reads_and_writes_reach_the_image() {
+    require_e2e();
+    let work = work_dir("virtio-blk");
+    let disk = work.join("disk.ext4");
+    std::fs::copy(asset("disk.ext4"), &disk).unwrap();
+    let ro_disk = work.join("ro.ext4");
+    std::fs::copy(asset("disk.ext4"), &ro_disk).unwrap();
+    let scenario = r#"
+mkdir -p /mnt/rw /mnt/ro
+mount -t ext4 /dev/vda /mnt/rw
+mount -t ext4 -o ro /dev/vdb /mnt/ro
+results_begin
+kv HELLO "$(cat /mnt/rw/hello.txt)"
+echo "written by the guest" > /mnt/rw/guest.txt
+sync
+kv VDB_RO "$(cat /sys/block/vdb/ro)"
+if dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null; then kv RO_WRITE ok; else kv RO_WRITE refused; fi
+umount /mnt/rw
+umount /mnt/ro
+results_end
+"#;
+    let initrd = initramfs(&work, scenario);
+    let mut vm = Vm::start(
+        &args(&[
+            "--kernel",
+            asset("vmlinux").to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            TEST_CMDLINE,
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--disk",
+            &format!("path={},readonly=on", ro_disk.display()),
+        ]),
+        None,
+    );
+    vm.wait_for("TIDEVM-RESULTS-BEGIN", BOOT_TIMEOUT);
+    let t = Duration::from_secs(60);
+    assert_eq!(vm.value_from(0, "HELLO", t).1, "hello from the host");
+    assert_eq!(vm.value_from(0, "VDB_RO", t).1, "1");
+    assert_eq!(vm.value_from(0, "RO_WRITE", t).1, "refused");
+    vm.wait_for("TIDEVM-RESULTS-END", t);
+    assert_eq!(vm.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    // The host reads the guest's file out of the image.
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /guest.txt"])
+        .arg(&disk)
+        .output()
+        .expect("run debugfs");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "written by the guest"
+    );
+    let ro_unchanged =
+        std::fs::read(&ro_disk).unwrap() == std::fs::read(asset("disk.ext4")).unwrap();
+    assert!(ro_unchanged, "the read-only image must not change");
+}

@@ -1,0 +1,178 @@
+//! API requests, answered on the event loop: validate, plan, act, report.
+
+use api_server::types::{BalloonInfo, BalloonStatistics, MemoryInfo, VmInfo};
+use api_server::{ApiRequest, ApiResponse};
+
+use crate::resize::{plan_resize, MemoryLimits};
+use crate::vmm::{ExitReason, Vmm};
+
+impl Vmm {
+    /// Answers one API request.
+    pub(crate) fn handle_request(&mut self, request: &ApiRequest) -> ApiResponse {
+        match request {
+            ApiRequest::GetVmInfo => self.vm_info(),
+            ApiRequest::PowerOff => {
+                self.request_exit(ExitReason::PowerOff);
+                ApiResponse::no_content()
+            }
+            ApiRequest::GetMemory => ApiResponse::ok(&self.memory_info()),
+            ApiRequest::PutMemory(req) => self.resize_memory(req.requested_size),
+            ApiRequest::GetBalloon => self.balloon_info(),
+            ApiRequest::PutBalloon(update) => self.set_balloon(update.size),
+            ApiRequest::GetBalloonStatistics => self.balloon_statistics(),
+        }
+    }
+
+    fn vm_info(&self) -> ApiResponse {
+        let uptime_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        ApiResponse::ok(&VmInfo {
+            state: "Running".to_string(),
+            config: serde_json::to_value(&self.config).unwrap_or_default(),
+            uptime_ms,
+        })
+    }
+
+    fn limits(&self) -> MemoryLimits {
+        let cfg = self.memory.config();
+        MemoryLimits {
+            boot_size: cfg.size,
+            hotplug_size: if self.memory_devices.virtio_mem.is_some() {
+                cfg.hotplug_size
+            } else {
+                0
+            },
+            block_size: cfg.block_size,
+            balloon: self.memory_devices.balloon.is_some(),
+        }
+    }
+
+    /// Where guest memory stands.
+    pub(crate) fn memory_info(&self) -> MemoryInfo {
+        let cfg = self.memory.config();
+        let (hotplug_requested, plugged) = self
+            .memory_devices
+            .virtio_mem
+            .as_ref()
+            .map(|m| {
+                let m = m.lock().expect("virtio-mem");
+                (m.requested_size(), m.plugged_size())
+            })
+            .unwrap_or((0, 0));
+        let (balloon_target, balloon_actual) = match &self.memory_devices.balloon {
+            Some(b) => {
+                let b = b.lock().expect("balloon");
+                (Some(b.target_size()), Some(b.actual_size()))
+            }
+            None => (None, None),
+        };
+        MemoryInfo {
+            boot_size: cfg.size,
+            hotplug_size: cfg.hotplug_size,
+            requested_size: cfg.size + hotplug_requested - balloon_target.unwrap_or(0),
+            plugged_size: plugged,
+            block_size: cfg.block_size,
+            slot_size: cfg.slot_size,
+            memslots_in_use: self.memory.hotplug_slots_in_use(),
+            hotplug_method: if self.memory_devices.virtio_mem.is_some() {
+                "virtio-mem".to_string()
+            } else {
+                "none".to_string()
+            },
+            balloon_target_size: balloon_target,
+            balloon_actual_size: balloon_actual,
+        }
+    }
+
+    fn resize_memory(&mut self, requested: u64) -> ApiResponse {
+        let plan = match plan_resize(requested, &self.limits()) {
+            Ok(plan) => plan,
+            Err(e) => return ApiResponse::error(e.status(), e.to_string()),
+        };
+        // Order: shrink the balloon before plugging, so a growing guest
+        // first gets its boot memory back.
+        if let (Some(balloon), Some(target)) = (&self.memory_devices.balloon, plan.balloon_target) {
+            if let Err(e) = balloon.lock().expect("balloon").set_target_size(target) {
+                return ApiResponse::error(500, format!("balloon: {e}"));
+            }
+        }
+        if let Some(mem) = &self.memory_devices.virtio_mem {
+            if let Err(e) = mem
+                .lock()
+                .expect("virtio-mem")
+                .set_requested_size(plan.hotplug_requested)
+            {
+                return ApiResponse::error(500, format!("virtio-mem: {e}"));
+            }
+        }
+        ApiResponse::no_content()
+    }
+
+    fn no_balloon() -> ApiResponse {
+        ApiResponse::error(
+            409,
+            "no balloon device is configured (start the VM with --balloon)",
+        )
+    }
+
+    fn balloon_info(&self) -> ApiResponse {
+        let Some(balloon) = &self.memory_devices.balloon else {
+            return Self::no_balloon();
+        };
+        let b = balloon.lock().expect("balloon");
+        let cfg = b.config();
+        ApiResponse::ok(&BalloonInfo {
+            target_size: b.target_size(),
+            actual_size: b.actual_size(),
+            deflate_on_oom: cfg.deflate_on_oom,
+            free_page_reporting: cfg.free_page_reporting,
+            stats_period_s: cfg.stats_period_s,
+            features_negotiated: b.features_negotiated(),
+        })
+    }
+
+    fn set_balloon(&mut self, size: u64) -> ApiResponse {
+        let Some(balloon) = &self.memory_devices.balloon else {
+            return Self::no_balloon();
+        };
+        let boot = self.memory.boot_size();
+        if size > boot {
+            return ApiResponse::error(
+                400,
+                format!("balloon size {size} is above the boot memory size {boot}"),
+            );
+        }
+        match balloon.lock().expect("balloon").set_target_size(size) {
+            Ok(()) => ApiResponse::no_content(),
+            Err(e) => ApiResponse::error(400, e.to_string()),
+        }
+    }
+
+    fn balloon_statistics(&self) -> ApiResponse {
+        let Some(balloon) = &self.memory_devices.balloon else {
+            return Self::no_balloon();
+        };
+        let b = balloon.lock().expect("balloon");
+        if b.config().stats_period_s == 0 {
+            return ApiResponse::error(
+                409,
+                "balloon statistics are off (start with --balloon stats_period=SECONDS)",
+            );
+        }
+        let Some(s) = b.latest_stats() else {
+            return ApiResponse::error(409, "the guest has not sent balloon statistics yet");
+        };
+        ApiResponse::ok(&BalloonStatistics {
+            last_update_ms: Some(s.update_time_ms),
+            swap_in: s.swap_in,
+            swap_out: s.swap_out,
+            major_faults: s.major_faults,
+            minor_faults: s.minor_faults,
+            free_memory: s.free_memory,
+            total_memory: s.total_memory,
+            available_memory: s.available_memory,
+            disk_caches: s.disk_caches,
+            hugetlb_allocations: s.hugetlb_allocations,
+            hugetlb_failures: s.hugetlb_failures,
+        })
+    }
+}

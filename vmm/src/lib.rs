@@ -1,0 +1,282 @@
+//! tidevm's VMM: builds a VM from a [`config::VmConfig`], runs it on one
+//! event loop plus one thread per vCPU, and reports how it ended.
+//!
+//! The path of a resize: `api_server` parses the request → [`api`] checks
+//! it and plans it with [`resize`] → the virtio-mem device asks the guest →
+//! the guest's requests reach the device, which maps and unmaps slots of
+//! [`memory::hotplug`] → `GET /vm/memory` reports.
+
+pub mod api;
+pub mod config;
+pub mod device_manager;
+pub mod logger;
+pub mod memory;
+pub mod resize;
+pub mod vcpu;
+pub mod vmm;
+
+use std::fs::File;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+
+use api_server::{ApiServer, ApiServerHandle};
+use event_manager::{EventManager, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::Kvm;
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use config::VmConfig;
+use device_manager::{DeviceManager, Subscriber};
+use devices::virtio::balloon::{Balloon, BalloonConfig};
+use devices::virtio::mem::{VirtioMem, VirtioMemConfig};
+use memory::hotplug::HotplugBackend;
+use memory::MemoryManager;
+use resize::MemoryDevices;
+use vcpu::{Vcpu, VcpuThread};
+pub use vmm::ExitReason;
+use vmm::{ApiChannel, SharedApiChannel, Vmm};
+
+/// Why a VM could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm is missing or refused a VM-wide call.
+    #[error("KVM: {0}")]
+    Kvm(String),
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(#[from] memory::MemoryError),
+    /// A device could not be set up.
+    #[error("devices: {0}")]
+    Device(#[from] device_manager::DeviceError),
+    /// The kernel, initrd or boot tables could not be loaded.
+    #[error("boot: {0}")]
+    Boot(String),
+    /// The API socket could not be served.
+    #[error("API socket: {0}")]
+    Api(#[from] api_server::ApiError),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// A thread or eventfd could not be created.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where KVM keeps the three pages of its real-mode TSS (below the IOAPIC,
+/// inside the MMIO gap, so never guest RAM).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Where KVM keeps its identity-map page table, just below the TSS.
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |e| VmmError::Kvm(format!("{what}: {e}"))
+}
+
+/// Runs the VM described by `config` until it stops, and returns why. A
+/// guest reboot with `--on-reboot restart` starts a fresh VM instead; the
+/// API socket is served throughout. All threads are joined on return.
+pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
+    vcpu::install_kick_handler()?;
+    let (api_handle, api_channel) = start_api(&config)?;
+    let result = loop {
+        match run_vm(&config, api_channel.clone()) {
+            Ok(ExitReason::Reset) if config.on_reboot == config::RebootAction::Restart => {
+                log::info!("guest rebooted: starting it again");
+            }
+            other => break other,
+        }
+    };
+    if let Some(handle) = api_handle {
+        handle.stop();
+    }
+    result
+}
+
+/// Builds one VM, runs it until it stops, and tears it down.
+fn run_vm(
+    config: &VmConfig,
+    api_channel: Option<SharedApiChannel>,
+) -> Result<ExitReason, VmmError> {
+    let kvm = Kvm::new().map_err(kvm_err("cannot open /dev/kvm"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create a VM"))?);
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    let memory = MemoryManager::new(vm.clone(), &config.memory)?;
+    let guest_memory = memory.guest_memory().clone();
+    let mut em =
+        EventManager::<Subscriber>::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    let mut dm = DeviceManager::new(&vm, &mut em, config)?;
+    for disk in &config.disks {
+        let block = devices::virtio::block::Block::new(&disk.path, disk.readonly).map_err(|e| {
+            device_manager::DeviceError::Disk {
+                path: disk.path.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        dm.add_virtio(&vm, &mut em, &guest_memory, Arc::new(Mutex::new(block)))?;
+    }
+    let memory_devices = create_memory_devices(config, &memory)?;
+    if let Some(mem) = &memory_devices.virtio_mem {
+        dm.add_virtio(&vm, &mut em, &guest_memory, mem.clone())?;
+    }
+    if let Some(balloon) = &memory_devices.balloon {
+        dm.add_virtio(&vm, &mut em, &guest_memory, balloon.clone())?;
+    }
+
+    let boot_memory = guest_memory.memory();
+    let boot_err = |e: &dyn std::fmt::Display| VmmError::Boot(e.to_string());
+    let rsdp =
+        arch::acpi::create_acpi_tables(&boot_memory, config.cpus.boot_vcpus, &dm.acpi_devices())
+            .map_err(|e| boot_err(&e))?;
+    let mut kernel_file = File::open(&config.kernel)
+        .map_err(|e| VmmError::Boot(format!("{}: {e}", config.kernel.display())))?;
+    let kernel =
+        arch::kernel::load_kernel(&boot_memory, &mut kernel_file).map_err(|e| boot_err(&e))?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let mut file =
+                File::open(path).map_err(|e| VmmError::Boot(format!("{}: {e}", path.display())))?;
+            Some(
+                arch::kernel::load_initrd(&boot_memory, &mut file, &kernel)
+                    .map_err(|e| boot_err(&e))?,
+            )
+        }
+        None => None,
+    };
+    let cmdline = build_cmdline(config).map_err(|e| boot_err(&e))?;
+    arch::boot_params::configure_boot(
+        &boot_memory,
+        &kernel,
+        &cmdline,
+        initrd,
+        rsdp,
+        config.memory.size,
+    )
+    .map_err(|e| boot_err(&e))?;
+
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let pio = Arc::new(dm.pio.clone());
+    let mmio = Arc::new(dm.mmio.clone());
+    let mut vcpus = Vec::new();
+    let ncpus = config.cpus.boot_vcpus;
+    for id in 0..ncpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        arch::configure_vcpu(&fd, &boot_memory, &supported_cpuid, id, ncpus, kernel.entry)
+            .map_err(|e| boot_err(&e))?;
+        vcpus.push(Vcpu::new(id, fd, pio.clone(), mmio.clone()));
+    }
+    drop(boot_memory);
+
+    let (vcpu_tx, vcpu_rx) = channel();
+    let vcpu_wake = EventFd::new(EFD_NONBLOCK)?;
+    let vmm = Arc::new(Mutex::new(Vmm::new(
+        config.clone(),
+        memory,
+        memory_devices,
+        vcpu_rx,
+        vcpu_wake.try_clone()?,
+        dm.platform.reset.try_clone()?,
+        dm.platform.poweroff.try_clone()?,
+        api_channel,
+    )));
+    em.add_subscriber(vmm.clone());
+    let mut threads = Vec::new();
+    for vcpu in vcpus {
+        threads.push(VcpuThread::spawn(
+            vcpu,
+            vcpu_tx.clone(),
+            vcpu_wake.try_clone()?,
+        )?);
+    }
+    log::info!("guest started with {ncpus} vCPUs");
+
+    let reason = loop {
+        em.run_with_timeout(500)
+            .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        if let Some(reason) = vmm.lock().expect("vmm").exit_reason() {
+            break reason.clone();
+        }
+    };
+    for thread in &mut threads {
+        thread.stop_and_join();
+    }
+    Ok(reason)
+}
+
+/// Creates the virtio-mem device (over the hotplug region) and the balloon
+/// the configuration asks for.
+fn create_memory_devices(
+    config: &VmConfig,
+    memory: &MemoryManager,
+) -> Result<MemoryDevices, VmmError> {
+    let mut devices = MemoryDevices::default();
+    if let Some(region) = memory.hotplug_region() {
+        let (base, size) = {
+            let r = region.lock().expect("hotplug region");
+            (r.base(), r.size())
+        };
+        let mem_config = VirtioMemConfig {
+            region_addr: base,
+            region_size: size,
+            block_size: config.memory.block_size,
+            node_id: None,
+        };
+        let device = VirtioMem::new(mem_config, Box::new(HotplugBackend(region.clone())))
+            .map_err(|e| VmmError::Memory(memory::MemoryError::Layout(e.to_string())))?;
+        devices.virtio_mem = Some(Arc::new(Mutex::new(device)));
+    }
+    if let Some(b) = &config.balloon {
+        let balloon = Balloon::new(BalloonConfig {
+            target_size: b.size,
+            deflate_on_oom: b.deflate_on_oom,
+            free_page_reporting: b.free_page_reporting,
+            stats_period_s: b.stats_period_s,
+        })
+        .map_err(|e| VmmError::Device(device_manager::DeviceError::Balloon(e.to_string())))?;
+        devices.balloon = Some(Arc::new(Mutex::new(balloon)));
+    }
+    Ok(devices)
+}
+
+fn build_cmdline(config: &VmConfig) -> Result<Cmdline, linux_loader::cmdline::Error> {
+    let mut cmdline = Cmdline::new(config::CMDLINE_MAX_SIZE)?;
+    cmdline.insert_str(&config.cmdline)?;
+    if config.memory.hotplug_size > 0 && !config.cmdline.contains("memhp_default_state=") {
+        // Plugged memory is useless offline, and only movable memory can
+        // be unplugged again.
+        cmdline.insert_str("memhp_default_state=online_movable")?;
+    }
+    Ok(cmdline)
+}
+
+fn start_api(
+    config: &VmConfig,
+) -> Result<(Option<ApiServerHandle>, Option<SharedApiChannel>), VmmError> {
+    let Some(path) = &config.api_socket else {
+        return Ok((None, None));
+    };
+    let (tx, rx) = channel();
+    let kick = EventFd::new(EFD_NONBLOCK)?;
+    let handle = ApiServer::start(path, tx, kick.try_clone()?)?;
+    log::info!("API listening on {}", path.display());
+    Ok((
+        Some(handle),
+        Some(Arc::new(Mutex::new(ApiChannel { requests: rx, kick }))),
+    ))
+}

@@ -1,0 +1,235 @@
+//! Resize policy: one requested guest size becomes a virtio-mem request
+//! (above boot size) and a balloon target (below it).
+//!
+//! `plan_resize` is a pure function: the API handler validates and plans
+//! with it before touching any device, so a refused request changes nothing.
+
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::balloon::Balloon;
+use devices::virtio::mem::VirtioMem;
+
+/// Balloon page size (virtio-balloon PFNs are 4 KiB).
+pub const BALLOON_PAGE: u64 = 4096;
+
+/// The devices that change the guest's memory size.
+#[derive(Default)]
+pub struct MemoryDevices {
+    /// virtio-mem over the hotplug region.
+    pub virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
+    /// virtio-balloon.
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
+}
+
+/// What bounds a resize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryLimits {
+    /// Boot memory.
+    pub boot_size: u64,
+    /// Hotplug region size (0 without virtio-mem).
+    pub hotplug_size: u64,
+    /// virtio-mem block size.
+    pub block_size: u64,
+    /// Whether a balloon can take memory below boot size.
+    pub balloon: bool,
+}
+
+/// Device targets for one requested size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResizePlan {
+    /// virtio-mem requested_size (hotplugged bytes).
+    pub hotplug_requested: u64,
+    /// Balloon target in bytes, when a balloon exists.
+    pub balloon_target: Option<u64>,
+}
+
+/// Why a requested size cannot be reached. `status` is the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResizeError {
+    /// Neither a hotplug region nor a balloon is configured.
+    #[error(
+        "the VM has no resizable memory: start it with --memory hotplug_size=SIZE or --balloon"
+    )]
+    NotResizable,
+    /// Below boot size without a balloon.
+    #[error("requested_size {requested} is below the boot memory size {boot}; shrinking below boot size needs --balloon")]
+    BelowBoot {
+        /// Requested.
+        requested: u64,
+        /// Boot size.
+        boot: u64,
+    },
+    /// Above boot size without a hotplug region.
+    #[error("requested_size {requested} is above the boot memory size {boot} and no hotplug region is configured (--memory hotplug_size=SIZE)")]
+    NoHotplug {
+        /// Requested.
+        requested: u64,
+        /// Boot size.
+        boot: u64,
+    },
+    /// More than boot + hotplug.
+    #[error("requested_size {requested} is above the maximum {max} (boot size + hotplug_size)")]
+    AboveMax {
+        /// Requested.
+        requested: u64,
+        /// Maximum.
+        max: u64,
+    },
+    /// The hotplugged part is not whole blocks.
+    #[error("requested_size {requested} minus the boot size {boot} must be a multiple of block_size {block}")]
+    NotBlockMultiple {
+        /// Requested.
+        requested: u64,
+        /// Boot size.
+        boot: u64,
+        /// Block size.
+        block: u64,
+    },
+    /// The ballooned part is not whole pages.
+    #[error("requested_size {requested} must be a multiple of {page} below the boot size")]
+    NotPageMultiple {
+        /// Requested.
+        requested: u64,
+        /// Page size.
+        page: u64,
+    },
+    /// The requested size is zero.
+    #[error("requested_size must be greater than zero")]
+    Zero,
+}
+
+impl ResizeError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ResizeError::NotResizable => 409,
+            _ => 400,
+        }
+    }
+}
+
+/// Splits `requested` total guest memory into device targets.
+pub fn plan_resize(requested: u64, limits: &MemoryLimits) -> Result<ResizePlan, ResizeError> {
+    let MemoryLimits {
+        boot_size: boot,
+        hotplug_size,
+        block_size: block,
+        balloon,
+    } = *limits;
+    if hotplug_size == 0 && !balloon {
+        return Err(ResizeError::NotResizable);
+    }
+    if requested == 0 {
+        return Err(ResizeError::Zero);
+    }
+    let balloon_target = |target: u64| balloon.then_some(target);
+    if requested <= boot {
+        if requested < boot && !balloon {
+            return Err(ResizeError::BelowBoot { requested, boot });
+        }
+        if !requested.is_multiple_of(BALLOON_PAGE) {
+            return Err(ResizeError::NotPageMultiple {
+                requested,
+                page: BALLOON_PAGE,
+            });
+        }
+        return Ok(ResizePlan {
+            hotplug_requested: 0,
+            balloon_target: balloon_target(boot - requested),
+        });
+    }
+    if hotplug_size == 0 {
+        return Err(ResizeError::NoHotplug { requested, boot });
+    }
+    let max = boot + hotplug_size;
+    if requested > max {
+        return Err(ResizeError::AboveMax { requested, max });
+    }
+    let hotplug = requested - boot;
+    if !hotplug.is_multiple_of(block) {
+        return Err(ResizeError::NotBlockMultiple {
+            requested,
+            boot,
+            block,
+        });
+    }
+    Ok(ResizePlan {
+        hotplug_requested: hotplug,
+        balloon_target: balloon_target(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    fn limits(hotplug: u64, balloon: bool) -> MemoryLimits {
+        MemoryLimits {
+            boot_size: 512 * MIB,
+            hotplug_size: hotplug,
+            block_size: 2 * MIB,
+            balloon,
+        }
+    }
+
+    #[test]
+    fn grows_through_virtio_mem_and_shrinks_through_the_balloon() {
+        let l = limits(4 * GIB, true);
+        assert_eq!(
+            plan_resize(512 * MIB + GIB, &l),
+            Ok(ResizePlan {
+                hotplug_requested: GIB,
+                balloon_target: Some(0)
+            })
+        );
+        assert_eq!(
+            plan_resize(256 * MIB, &l),
+            Ok(ResizePlan {
+                hotplug_requested: 0,
+                balloon_target: Some(256 * MIB)
+            })
+        );
+        assert_eq!(
+            plan_resize(512 * MIB, &limits(4 * GIB, false)),
+            Ok(ResizePlan {
+                hotplug_requested: 0,
+                balloon_target: None
+            })
+        );
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let l = limits(4 * GIB, false);
+        assert_eq!(
+            plan_resize(GIB, &limits(0, false)),
+            Err(ResizeError::NotResizable)
+        );
+        assert_eq!(ResizeError::NotResizable.status(), 409);
+        assert!(matches!(
+            plan_resize(256 * MIB, &l),
+            Err(ResizeError::BelowBoot { .. })
+        ));
+        assert!(matches!(
+            plan_resize(8 * GIB, &l),
+            Err(ResizeError::AboveMax { .. })
+        ));
+        assert!(matches!(
+            plan_resize(512 * MIB + MIB, &l),
+            Err(ResizeError::NotBlockMultiple { .. })
+        ));
+        assert!(matches!(
+            plan_resize(GIB, &limits(0, true)),
+            Err(ResizeError::NoHotplug { .. })
+        ));
+        assert!(matches!(
+            plan_resize(256 * MIB + 1, &limits(0, true)),
+            Err(ResizeError::NotPageMultiple { .. })
+        ));
+        assert_eq!(plan_resize(0, &l), Err(ResizeError::Zero));
+        assert!(plan_resize(512 * MIB + 4 * GIB, &l).is_ok());
+    }
+}

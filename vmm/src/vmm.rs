@@ -1,0 +1,161 @@
+//! The running VM: what the event loop owns besides devices. It reacts to
+//! vCPU stops, guest reset/power-off requests and API requests.
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use api_server::ApiRequestEnvelope;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::memory::MemoryManager;
+use crate::resize::MemoryDevices;
+use crate::vcpu::{VcpuEvent, VcpuStop};
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5 or KVM shutdown event), or the API asked.
+    PowerOff,
+    /// The guest rebooted (i8042 reset, ACPI reset, triple fault).
+    Reset,
+    /// The guest reported a crash.
+    Crashed(String),
+    /// The VMM could not keep the guest running.
+    Error(String),
+}
+
+const TOKEN_VCPU: u32 = 1;
+const TOKEN_RESET: u32 = 2;
+const TOKEN_POWEROFF: u32 = 3;
+const TOKEN_API: u32 = 4;
+
+/// The API's request channel and the eventfd that announces requests.
+pub struct ApiChannel {
+    /// Requests from the API thread.
+    pub requests: Receiver<ApiRequestEnvelope>,
+    /// Signalled once per request sent.
+    pub kick: EventFd,
+}
+
+/// The API channel, shared by the VMs of one run (a reboot keeps it).
+pub type SharedApiChannel = Arc<Mutex<ApiChannel>>;
+
+/// The VM as the event loop sees it.
+pub struct Vmm {
+    pub(crate) config: VmConfig,
+    pub(crate) memory: MemoryManager,
+    pub(crate) memory_devices: MemoryDevices,
+    vcpu_events: Receiver<VcpuEvent>,
+    vcpu_wake: EventFd,
+    reset: EventFd,
+    poweroff: EventFd,
+    api: Option<SharedApiChannel>,
+    pub(crate) started: Instant,
+    exit: Option<ExitReason>,
+}
+
+impl Vmm {
+    /// Assembles the event-loop side of a VM.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: VmConfig,
+        memory: MemoryManager,
+        memory_devices: MemoryDevices,
+        vcpu_events: Receiver<VcpuEvent>,
+        vcpu_wake: EventFd,
+        reset: EventFd,
+        poweroff: EventFd,
+        api: Option<SharedApiChannel>,
+    ) -> Self {
+        Self {
+            config,
+            memory,
+            memory_devices,
+            vcpu_events,
+            vcpu_wake,
+            reset,
+            poweroff,
+            api,
+            started: Instant::now(),
+            exit: None,
+        }
+    }
+
+    /// Why the VM stopped, once it has.
+    pub fn exit_reason(&self) -> Option<&ExitReason> {
+        self.exit.as_ref()
+    }
+
+    /// Ends the run with `reason` unless it already ended.
+    pub(crate) fn request_exit(&mut self, reason: ExitReason) {
+        if self.exit.is_none() {
+            log::info!("VM stopping: {reason:?}");
+            self.exit = Some(reason);
+        }
+    }
+
+    fn handle_vcpu_events(&mut self) {
+        let _ = self.vcpu_wake.read();
+        while let Ok(VcpuEvent { id, stop }) = self.vcpu_events.try_recv() {
+            let reason = match stop {
+                VcpuStop::Reset => ExitReason::Reset,
+                VcpuStop::PowerOff => ExitReason::PowerOff,
+                VcpuStop::Crash => ExitReason::Crashed(format!("vCPU {id} reported a guest crash")),
+                VcpuStop::Halted => {
+                    ExitReason::Error(format!("vCPU {id} halted and cannot be woken"))
+                }
+                VcpuStop::Error(e) => ExitReason::Error(e),
+                VcpuStop::Stopped => continue,
+            };
+            self.request_exit(reason);
+        }
+    }
+
+    fn handle_api(&mut self) {
+        let Some(api) = self.api.clone() else { return };
+        let api = api.lock().expect("api channel");
+        let _ = api.kick.read();
+        while let Ok(envelope) = api.requests.try_recv() {
+            let (method, path) = envelope.request.route();
+            let response = self.handle_request(&envelope.request);
+            log::info!("API {method} {path} -> {}", response.status());
+            envelope.respond(response);
+        }
+    }
+}
+
+impl MutEventSubscriber for Vmm {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_VCPU => self.handle_vcpu_events(),
+            TOKEN_RESET => {
+                let _ = self.reset.read();
+                self.request_exit(ExitReason::Reset);
+            }
+            TOKEN_POWEROFF => {
+                let _ = self.poweroff.read();
+                self.request_exit(ExitReason::PowerOff);
+            }
+            TOKEN_API => self.handle_api(),
+            other => log::warn!("unexpected VMM event token {other}"),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: &EventFd, token| {
+            if let Err(e) = ops.add(Events::with_data(fd, token, EventSet::IN)) {
+                log::error!("cannot watch VMM event {token}: {e}");
+            }
+        };
+        add(&self.vcpu_wake, TOKEN_VCPU);
+        add(&self.reset, TOKEN_RESET);
+        add(&self.poweroff, TOKEN_POWEROFF);
+        if let Some(api) = &self.api {
+            add(&api.lock().expect("api channel").kick, TOKEN_API);
+        }
+    }
+}
