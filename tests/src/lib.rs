@@ -297,3 +297,31 @@ pub fn args(list: &[&str]) -> Vec<String> {
 pub const MIB: u64 = 1 << 20;
 /// GiB.
 pub const GIB: u64 = 1 << 30;
+
+/// A guest that answers commands on its console, one per line:
+/// `mem` → `MEMTOTAL_KB=`; `fill NAME N` → writes (touches) an N MiB tmpfs
+/// file (`FILLED=` its size); `drop NAME` → deletes it (`DROPPED=`);
+/// `blocks` → online memory blocks (`ONLINE_BLOCKS=`); `reboot`.
+/// It prints `READY=1` when it starts listening.
+pub const INTERACTIVE: &str = r#"
+stty -echo 2>/dev/null
+mkdir -p /dev/shm
+mount -t tmpfs -o size=16G tmpfs /dev/shm
+kv READY 1
+while read -r cmd a b; do
+  case "$cmd" in
+    mem) kv MEMTOTAL_KB "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)" ;;
+    fill) dd if=/dev/zero of="/dev/shm/$a" bs=1M count="$b" 2>/dev/null; kv FILLED "$(du -m "/dev/shm/$a" | cut -f1)" ;;
+    drop) rm -f "/dev/shm/$a"; kv DROPPED "$a" ;;
+    blocks) kv ONLINE_BLOCKS "$(cat /sys/devices/system/memory/memory*/state | grep -c online)" ;;
+    reboot) reboot -f ;;
+  esac
+done
+"#;
+
+/// Reads a `KEY=number` answer to `command`.
+pub fn ask_u64(vm: &mut Vm, command: &str, key: &str) -> u64 {
+    let v = vm.ask(command, key, Duration::from_secs(120));
+    v.parse()
+        .unwrap_or_else(|_| panic!("{key}={v} is not a number"))
+}

@@ -219,8 +219,16 @@ fn register_irqfd(vm: &VmFd, evt: &EventFd, gsi: u32, what: &str) -> Result<(), 
         })
 }
 
-/// Whether stdin is something to read guest console input from.
+/// Whether stdin is something to read guest console input from: a
+/// terminal, a pipe or a socket (not /dev/null or a regular file).
 fn stdin_is_readable() -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
+    // SAFETY: fstat writes only into the zeroed struct we pass.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(libc::STDIN_FILENO, &mut st) != 0 {
+            return false;
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        libc::isatty(libc::STDIN_FILENO) == 1 || kind == libc::S_IFIFO || kind == libc::S_IFSOCK
+    }
 }
