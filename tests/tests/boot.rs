@@ -139,3 +139,29 @@ results_end
         std::fs::read(&ro_disk).unwrap() == std::fs::read(asset("disk.ext4")).unwrap();
     assert!(ro_unchanged, "the read-only image must not change");
 }
+
+#[test]
+fn a_guest_kernel_panic_exits_non_zero_with_a_clear_message() {
+    require_e2e();
+    let work = work_dir("panic");
+    let initrd = initramfs(&work, "echo c > /proc/sysrq-trigger\n");
+    let mut vm = Vm::start(
+        &args(&[
+            "--kernel",
+            asset("vmlinux").to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            TEST_CMDLINE,
+        ]),
+        None,
+    );
+    let status = vm.wait_exit(BOOT_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "a panic is not a clean exit");
+    assert!(
+        vm.stderr()
+            .contains("tidevm: guest crashed: the guest kernel panicked"),
+        "stderr: {}",
+        vm.stderr()
+    );
+}

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use acpi_tables::Aml;
 use devices::legacy::acpi_pm::{AcpiPmDevice, ACPI_PM_BASE, ACPI_PM_LEN};
 use devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
+use devices::legacy::pvpanic::{PvPanic, PvPanicAcpiDevice, PVPANIC_LEN, PVPANIC_PORT};
 use devices::legacy::serial::{
     SerialAcpiDevice, SerialDevice, SerialInput, COM1_BASE, COM1_IRQ, SERIAL_LEN,
 };
@@ -66,6 +67,8 @@ pub struct PlatformEvents {
     pub reset: EventFd,
     /// Signalled by the ACPI sleep control register (S5).
     pub poweroff: EventFd,
+    /// Signalled by the pvpanic port when the guest kernel panics.
+    pub panic: EventFd,
 }
 
 /// All devices of one VM.
@@ -83,7 +86,8 @@ pub struct DeviceManager {
 }
 
 impl DeviceManager {
-    /// Creates the legacy devices: COM1, i8042 reset, ACPI power management.
+    /// Creates the legacy devices: COM1, i8042 reset, ACPI power
+    /// management, pvpanic.
     pub fn new(
         vm: &VmFd,
         em: &mut EventManager<Subscriber>,
@@ -94,6 +98,7 @@ impl DeviceManager {
         let platform = PlatformEvents {
             reset: evt()?,
             poweroff: evt()?,
+            panic: evt()?,
         };
         let mut dm = Self {
             pio: Bus::new(),
@@ -105,6 +110,7 @@ impl DeviceManager {
             platform: PlatformEvents {
                 reset: clone(&platform.reset)?,
                 poweroff: clone(&platform.poweroff)?,
+                panic: clone(&platform.panic)?,
             },
         };
 
@@ -147,6 +153,12 @@ impl DeviceManager {
             ACPI_PM_BASE,
             ACPI_PM_LEN,
         )?;
+        dm.pio.insert(
+            Arc::new(Mutex::new(PvPanic::new(platform.panic))),
+            PVPANIC_PORT,
+            PVPANIC_LEN,
+        )?;
+        dm.acpi_devices.push(Box::new(PvPanicAcpiDevice));
         Ok(dm)
     }
 

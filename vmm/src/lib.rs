@@ -191,8 +191,7 @@ fn run_vm(
         memory_devices,
         vcpu_rx,
         vcpu_wake.try_clone()?,
-        dm.platform.reset.try_clone()?,
-        dm.platform.poweroff.try_clone()?,
+        dm.platform,
         api_channel,
     )));
     em.add_subscriber(vmm.clone());

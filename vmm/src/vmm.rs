@@ -11,6 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::device_manager::PlatformEvents;
 use crate::memory::MemoryManager;
 use crate::resize::MemoryDevices;
 use crate::vcpu::{VcpuEvent, VcpuStop};
@@ -32,6 +33,7 @@ const TOKEN_VCPU: u32 = 1;
 const TOKEN_RESET: u32 = 2;
 const TOKEN_POWEROFF: u32 = 3;
 const TOKEN_API: u32 = 4;
+const TOKEN_PANIC: u32 = 5;
 
 /// The API's request channel and the eventfd that announces requests.
 pub struct ApiChannel {
@@ -51,8 +53,7 @@ pub struct Vmm {
     pub(crate) memory_devices: MemoryDevices,
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_wake: EventFd,
-    reset: EventFd,
-    poweroff: EventFd,
+    platform: PlatformEvents,
     api: Option<SharedApiChannel>,
     pub(crate) started: Instant,
     exit: Option<ExitReason>,
@@ -60,15 +61,13 @@ pub struct Vmm {
 
 impl Vmm {
     /// Assembles the event-loop side of a VM.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: VmConfig,
         memory: MemoryManager,
         memory_devices: MemoryDevices,
         vcpu_events: Receiver<VcpuEvent>,
         vcpu_wake: EventFd,
-        reset: EventFd,
-        poweroff: EventFd,
+        platform: PlatformEvents,
         api: Option<SharedApiChannel>,
     ) -> Self {
         Self {
@@ -77,8 +76,7 @@ impl Vmm {
             memory_devices,
             vcpu_events,
             vcpu_wake,
-            reset,
-            poweroff,
+            platform,
             api,
             started: Instant::now(),
             exit: None,
@@ -95,6 +93,19 @@ impl Vmm {
         if self.exit.is_none() {
             log::info!("VM stopping: {reason:?}");
             self.exit = Some(reason);
+        }
+    }
+
+    /// The guest stopped itself with `reason`, unless it reported a panic
+    /// first: a panicking kernel reboots right after telling pvpanic, and
+    /// both events can arrive in the same wakeup.
+    fn guest_stopped(&mut self, reason: ExitReason) {
+        if self.platform.panic.read().is_ok() {
+            self.request_exit(ExitReason::Crashed(
+                "the guest kernel panicked (pvpanic)".into(),
+            ));
+        } else {
+            self.request_exit(reason);
         }
     }
 
@@ -133,12 +144,18 @@ impl MutEventSubscriber for Vmm {
         match events.data() {
             TOKEN_VCPU => self.handle_vcpu_events(),
             TOKEN_RESET => {
-                let _ = self.reset.read();
-                self.request_exit(ExitReason::Reset);
+                let _ = self.platform.reset.read();
+                self.guest_stopped(ExitReason::Reset);
             }
             TOKEN_POWEROFF => {
-                let _ = self.poweroff.read();
-                self.request_exit(ExitReason::PowerOff);
+                let _ = self.platform.poweroff.read();
+                self.guest_stopped(ExitReason::PowerOff);
+            }
+            TOKEN_PANIC => {
+                let _ = self.platform.panic.read();
+                self.request_exit(ExitReason::Crashed(
+                    "the guest kernel panicked (pvpanic)".into(),
+                ));
             }
             TOKEN_API => self.handle_api(),
             other => log::warn!("unexpected VMM event token {other}"),
@@ -152,8 +169,9 @@ impl MutEventSubscriber for Vmm {
             }
         };
         add(&self.vcpu_wake, TOKEN_VCPU);
-        add(&self.reset, TOKEN_RESET);
-        add(&self.poweroff, TOKEN_POWEROFF);
+        add(&self.platform.reset, TOKEN_RESET);
+        add(&self.platform.poweroff, TOKEN_POWEROFF);
+        add(&self.platform.panic, TOKEN_PANIC);
         if let Some(api) = &self.api {
             add(&api.lock().expect("api channel").kick, TOKEN_API);
         }

@@ -1,4 +1,5 @@
-//! Legacy PC devices: 16550 UART, i8042 reset, ACPI power management.
+//! Legacy PC devices: 16550 UART, i8042 reset, ACPI power management,
+//! pvpanic.
 //!
 //! All of them sit on the port I/O bus. Their side effects on the host
 //! (interrupt, reset, power off) leave through eventfds the VMM owns: an irqfd
@@ -6,6 +7,7 @@
 
 pub mod acpi_pm;
 pub mod i8042;
+pub mod pvpanic;
 pub mod serial;
 
 use std::io;
@@ -15,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use acpi_pm::AcpiPmDevice;
 pub use i8042::I8042;
+pub use pvpanic::PvPanic;
 pub use serial::{SerialDevice, SerialInput};
 
 /// A [`vm_superio::Trigger`] that signals an eventfd (an irqfd or an exit
