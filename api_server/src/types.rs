@@ -51,6 +51,9 @@ pub struct MemoryInfo {
     pub slot_size: u64,
     /// Number of KVM memory slots currently in use.
     pub memslots_in_use: u32,
+    /// Longest single KVM memslot update so far, in microseconds: the
+    /// longest a resize can have stalled guest memory accesses.
+    pub longest_memslot_update_us: u64,
     /// Hotplug mechanism: `"virtio-mem"` or `"none"`.
     pub hotplug_method: String,
     /// Balloon target size, if a balloon is configured.

@@ -32,6 +32,7 @@ fn memory_info() -> MemoryInfo {
         block_size: BLOCK,
         slot_size: 128 << 20,
         memslots_in_use: 1,
+        longest_memslot_update_us: 12,
         hotplug_method: "virtio-mem".to_string(),
         balloon_target_size: Some(0),
         balloon_actual_size: None,

@@ -288,6 +288,16 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
+/// tidevm arguments booting the guest `kernel` asset with `initrd` and the
+/// test command line, followed by `extra`.
+pub fn guest_args(kernel: &str, initrd: &Path, extra: &[&str]) -> Vec<String> {
+    let mut list = args(&["--kernel", asset(kernel).to_str().unwrap(), "--initrd"]);
+    list.push(initrd.display().to_string());
+    list.extend(args(&["--cmdline", TEST_CMDLINE]));
+    list.extend(args(extra));
+    list
+}
+
 /// Turns `&str`s into the `Vec<String>` `Vm::start` takes.
 pub fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()

@@ -15,21 +15,9 @@ fn start(test: &str, memory: &str, balloon: &str) -> Vm {
     require_e2e();
     let work = work_dir(test);
     let initrd = initramfs(&work, INTERACTIVE);
+    let extra = ["--cpus", "2", "--memory", memory, "--balloon", balloon];
     let vm = Vm::start(
-        &args(&[
-            "--kernel",
-            asset("vmlinux").to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            TEST_CMDLINE,
-            "--cpus",
-            "2",
-            "--memory",
-            memory,
-            "--balloon",
-            balloon,
-        ]),
+        &guest_args("vmlinux", &initrd, &extra),
         Some(work.join("api.sock")),
     );
     vm.wait_api(Duration::from_secs(30));

@@ -22,21 +22,10 @@ fn boot_and_report(kernel: &str, cpus: u32, mem_mib: u64) {
     require_e2e();
     let work = work_dir(&format!("boot-{kernel}-{cpus}"));
     let initrd = initramfs(&work, REPORT);
-    let mut vm = Vm::start(
-        &args(&[
-            "--kernel",
-            asset(kernel).to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            TEST_CMDLINE,
-            "--cpus",
-            &cpus.to_string(),
-            "--memory",
-            &format!("{mem_mib}M"),
-        ]),
-        None,
-    );
+    let cpus_arg = cpus.to_string();
+    let mem_arg = format!("{mem_mib}M");
+    let extra = ["--cpus", cpus_arg.as_str(), "--memory", mem_arg.as_str()];
+    let mut vm = Vm::start(&guest_args(kernel, &initrd, &extra), None);
     vm.wait_for("TIDEVM-RESULTS-BEGIN", BOOT_TIMEOUT);
     let t = Duration::from_secs(30);
     assert_eq!(
@@ -103,21 +92,10 @@ umount /mnt/ro
 results_end
 "#;
     let initrd = initramfs(&work, scenario);
-    let mut vm = Vm::start(
-        &args(&[
-            "--kernel",
-            asset("vmlinux").to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            TEST_CMDLINE,
-            "--disk",
-            &format!("path={}", disk.display()),
-            "--disk",
-            &format!("path={},readonly=on", ro_disk.display()),
-        ]),
-        None,
-    );
+    let rw_arg = format!("path={}", disk.display());
+    let ro_arg = format!("path={},readonly=on", ro_disk.display());
+    let extra = ["--disk", rw_arg.as_str(), "--disk", ro_arg.as_str()];
+    let mut vm = Vm::start(&guest_args("vmlinux", &initrd, &extra), None);
     vm.wait_for("TIDEVM-RESULTS-BEGIN", BOOT_TIMEOUT);
     let t = Duration::from_secs(60);
     assert_eq!(vm.value_from(0, "HELLO", t).1, "hello from the host");
@@ -145,17 +123,7 @@ fn a_guest_kernel_panic_exits_non_zero_with_a_clear_message() {
     require_e2e();
     let work = work_dir("panic");
     let initrd = initramfs(&work, "echo c > /proc/sysrq-trigger\n");
-    let mut vm = Vm::start(
-        &args(&[
-            "--kernel",
-            asset("vmlinux").to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            TEST_CMDLINE,
-        ]),
-        None,
-    );
+    let mut vm = Vm::start(&guest_args("vmlinux", &initrd, &[]), None);
     let status = vm.wait_exit(BOOT_TIMEOUT);
     assert_eq!(status.code(), Some(1), "a panic is not a clean exit");
     assert!(

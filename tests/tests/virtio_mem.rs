@@ -14,19 +14,9 @@ fn start(test: &str, extra: &[&str]) -> Vm {
     require_e2e();
     let work = work_dir(test);
     let initrd = initramfs(&work, INTERACTIVE);
-    let mut list = vec![
-        "--kernel".to_string(),
-        asset("vmlinux").display().to_string(),
-        "--initrd".to_string(),
-        initrd.display().to_string(),
-        "--cmdline".to_string(),
-        TEST_CMDLINE.to_string(),
-        "--cpus".to_string(),
-        "2".to_string(),
-        "--memory".to_string(),
-        format!("size={BOOT_MIB}M,hotplug_size=4G"),
-    ];
-    list.extend(extra.iter().map(|s| s.to_string()));
+    let memory = format!("size={BOOT_MIB}M,hotplug_size=4G");
+    let mut list = guest_args("vmlinux", &initrd, &["--cpus", "2", "--memory", &memory]);
+    list.extend(args(extra));
     let vm = Vm::start(&list, Some(work.join("api.sock")));
     vm.wait_api(Duration::from_secs(30));
     vm

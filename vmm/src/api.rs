@@ -73,6 +73,8 @@ impl Vmm {
             block_size: cfg.block_size,
             slot_size: cfg.slot_size,
             memslots_in_use: self.memory.hotplug_slots_in_use(),
+            longest_memslot_update_us: u64::try_from(self.memory.longest_slot_ioctl().as_micros())
+                .unwrap_or(u64::MAX),
             hotplug_method: if self.memory_devices.virtio_mem.is_some() {
                 "virtio-mem".to_string()
             } else {

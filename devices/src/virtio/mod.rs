@@ -104,6 +104,20 @@ impl VirtioInterrupt {
     }
 }
 
+/// Reads `data.len()` bytes of a device's configuration space `space`
+/// starting at `offset`; bytes past its end (or an absurd offset) read 0.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(src) = usize::try_from(offset)
+        .ok()
+        .and_then(|start| space.get(start..))
+    else {
+        return;
+    };
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
+}
+
 /// A virtio device model, independent of the transport.
 pub trait VirtioDevice: Send {
     /// The virtio device id (2 = block, 5 = balloon, 24 = memory, ...).
@@ -118,7 +132,8 @@ pub trait VirtioDevice: Send {
     /// Records the features the driver accepted (a subset of the offer).
     fn set_acked_features(&mut self, features: u64);
 
-    /// Reads device configuration space at `offset`; out-of-range bytes read 0.
+    /// Reads device configuration space at `offset`; out-of-range bytes read 0
+    /// (see [`read_config_space`]).
     fn read_config(&self, offset: u64, data: &mut [u8]);
 
     /// Writes device configuration space; devices ignore what is read-only.
@@ -142,4 +157,23 @@ pub trait VirtioDevice: Send {
 
     /// Stops the device and drops its queues (driver wrote status 0).
     fn reset(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_reads_are_bounded() {
+        let space = [1u8, 2, 3, 4];
+        let mut out = [0xffu8; 3];
+        read_config_space(&space, 2, &mut out);
+        assert_eq!(out, [3, 4, 0]);
+        read_config_space(&space, 4, &mut out);
+        assert_eq!(out, [0, 0, 0]);
+        read_config_space(&space, u64::MAX, &mut out);
+        assert_eq!(out, [0, 0, 0]);
+        read_config_space(&space, 0, &mut out);
+        assert_eq!(out, [1, 2, 3]);
+    }
 }

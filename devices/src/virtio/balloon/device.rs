@@ -532,14 +532,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let space = self.config_space();
-        let start = usize::try_from(offset).ok();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .and_then(|s| s.checked_add(i))
-                .and_then(|pos| space.get(pos).copied())
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_space(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
