@@ -165,7 +165,7 @@ class Guest:
                     t, text = self.lines[i]
                     # A KEY=VALUE line; firmware/kernel text without a
                     # newline may come before it on the same line.
-                    m = re.search(rf"(?<![A-Za-z0-9_]){key}=(\S*)\s*$", text)
+                    m = re.search(rf"(?<![A-Za-z0-9_]){key}=(.*?)\s*$", text)
                     if m and (pred is None or pred(m.group(1))):
                         return t, m.group(1), i
                     i += 1

@@ -95,6 +95,7 @@ impl Vm {
     pub fn start(args: &[String], api_socket: Option<PathBuf>) -> Vm {
         let mut cmd = Command::new(tidevm_bin());
         cmd.args(args)
+            .env("TIDEVM_LOG", "info")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

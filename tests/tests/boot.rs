@@ -18,10 +18,13 @@ kv CONSOLE "$(cat /proc/consoles | awk '{print $1}' | head -1)"
 results_end
 "#;
 
-fn boot_and_report(kernel: &str, cpus: u32, mem_mib: u64) {
+/// Boots `kernel` with the REPORT scenario, then `ending` (the scenario's
+/// last command), checks what the guest saw, and that tidevm exits 0 for
+/// the reason `stop` (as logged).
+fn boot_and_report(kernel: &str, cpus: u32, mem_mib: u64, ending: &str, stop: &str) {
     require_e2e();
     let work = work_dir(&format!("boot-{kernel}-{cpus}"));
-    let initrd = initramfs(&work, REPORT);
+    let initrd = initramfs(&work, &format!("{REPORT}\n{ending}\n"));
     let cpus_arg = cpus.to_string();
     let mem_arg = format!("{mem_mib}M");
     let extra = ["--cpus", cpus_arg.as_str(), "--memory", mem_arg.as_str()];
@@ -54,19 +57,25 @@ fn boot_and_report(kernel: &str, cpus: u32, mem_mib: u64) {
     assert_eq!(
         status.code(),
         Some(0),
-        "guest reboot ends tidevm with 0; stderr:\n{}",
+        "'{ending}' ends tidevm with 0; stderr:\n{}",
+        vm.stderr()
+    );
+    let logged = format!("VM stopping: {stop}");
+    assert!(
+        vm.stderr().contains(&logged),
+        "no '{logged}' in stderr: {}",
         vm.stderr()
     );
 }
 
 #[test]
 fn elf_vmlinux_boots_with_two_cpus() {
-    boot_and_report("vmlinux", 2, 512);
+    boot_and_report("vmlinux", 2, 512, "reboot -f", "Reset");
 }
 
 #[test]
-fn bzimage_boots_with_one_cpu() {
-    boot_and_report("bzImage", 1, 768);
+fn bzimage_boots_with_one_cpu_and_powers_off() {
+    boot_and_report("bzImage", 1, 768, "poweroff -f", "PowerOff");
 }
 
 #[test]

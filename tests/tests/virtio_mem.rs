@@ -10,11 +10,13 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const CONVERGE: Duration = Duration::from_secs(180);
 const BOOT_MIB: u64 = 512;
 
-fn start(test: &str, extra: &[&str]) -> Vm {
+/// Boots the interactive guest with 512 MiB + a 4 GiB hotplug region;
+/// `memory_opts` are appended to `--memory`.
+fn start(test: &str, memory_opts: &str, extra: &[&str]) -> Vm {
     require_e2e();
     let work = work_dir(test);
     let initrd = initramfs(&work, INTERACTIVE);
-    let memory = format!("size={BOOT_MIB}M,hotplug_size=4G");
+    let memory = format!("size={BOOT_MIB}M,hotplug_size=4G{memory_opts}");
     let mut list = guest_args("vmlinux", &initrd, &["--cpus", "2", "--memory", &memory]);
     list.extend(args(extra));
     let vm = Vm::start(&list, Some(work.join("api.sock")));
@@ -44,7 +46,7 @@ fn wait_memtotal(vm: &mut Vm, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
 
 #[test]
 fn plug_one_gib_then_unplug_it_back_to_boot_size() {
-    let mut vm = start("virtio-mem-resize", &[]);
+    let mut vm = start("virtio-mem-resize", "", &[]);
     vm.wait_for("READY=1", BOOT_TIMEOUT);
     let before = memory(&vm);
     assert_eq!(before["boot_size"], BOOT_MIB * MIB);
@@ -129,7 +131,7 @@ fn plug_one_gib_then_unplug_it_back_to_boot_size() {
 
 #[test]
 fn bad_memory_requests_are_refused_and_change_nothing() {
-    let mut vm = start("virtio-mem-bad-requests", &[]);
+    let mut vm = start("virtio-mem-bad-requests", "", &[]);
     vm.wait_for("READY=1", BOOT_TIMEOUT);
     let boot = BOOT_MIB * MIB;
     let before = memory(&vm);
@@ -232,7 +234,12 @@ fn memory_resize_without_a_hotplug_region_is_a_conflict() {
 
 #[test]
 fn a_rebooted_guest_comes_back_with_nothing_plugged() {
-    let mut vm = start("virtio-mem-reboot", &["--on-reboot", "restart"]);
+    // Shared (memfd) backing: slots are file mappings, unplug punches holes.
+    let mut vm = start(
+        "virtio-mem-reboot",
+        ",shared=on",
+        &["--on-reboot", "restart"],
+    );
     let (first, _) = vm.wait_for_from(0, "READY=1", BOOT_TIMEOUT);
     let boot_kib = ask_u64(&mut vm, "mem", "MEMTOTAL_KB");
     let (status, body) = put_size(&vm, BOOT_MIB * MIB + 512 * MIB);

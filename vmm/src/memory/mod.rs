@@ -68,6 +68,8 @@ impl MemoryManager {
             mapped.push(region);
             offset += len;
         }
+        // Only hotplug slot updates happen while the guest runs: time those.
+        slot_ids.longest_ioctl = std::time::Duration::ZERO;
         let memory = GuestMemoryMmap::from_regions(mapped)
             .map_err(|e| MemoryError::Layout(e.to_string()))?;
         let memory = GuestMemoryAtomic::new(memory);
