@@ -271,6 +271,12 @@ class TidevmApi:
 
 class Qmp:
     def __init__(self, path, timeout=30):
+        self.path = path
+        self.reconnects = 0
+        self._connect(timeout)
+
+    def _connect(self, timeout):
+        path = self.path
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -288,12 +294,28 @@ class Qmp:
         self.cmd("qmp_capabilities")
 
     def cmd(self, name, **args):
+        try:
+            return self._cmd(name, args)
+        except (ConnectionResetError, BrokenPipeError, EOFError) as e:
+            # Seen in L2: QEMU 10 resetting the QMP connection while
+            # virtio-mem unplugs.  The server socket still listens: count
+            # it, reconnect and retry once.
+            log(f"QMP {name}: {e!r}; reconnecting")
+            self.reconnects += 1
+            self.close()
+            self._connect(10)
+            return self._cmd(name, args)
+
+    def _cmd(self, name, args):
         msg = {"execute": name}
         if args:
             msg["arguments"] = args
         self.f.write(json.dumps(msg).encode() + b"\n")
         while True:
-            r = json.loads(self.f.readline())
+            line = self.f.readline()
+            if not line:
+                raise EOFError("QMP connection closed")
+            r = json.loads(line)
             if "event" in r:
                 continue
             if "error" in r:
@@ -338,8 +360,20 @@ def table(headers, rows):
     return "\n".join(out)
 
 
+def save_dmesg(d):
+    """L2's kernel log (OOM kills, soft lockups) next to the results: the
+    shared l2-serial.log is overwritten by any other harness run."""
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=20).stdout
+        with open(os.path.join(d, "l2-dmesg.txt"), "w") as f:
+            f.write(out)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def finish(d, title, text, data):
     """Print the result text and store it (plus raw data) in d."""
+    save_dmesg(d)
     body = f"{title}\n{l2_info()}\n\n{text}\n"
     print(body, flush=True)
     with open(os.path.join(d, "results.txt"), "w") as f:

@@ -21,6 +21,8 @@ const LEAF_AMD_ADDR_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_CACHE_TOPOLOGY: u32 = 0x8000_001d;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
+/// Leaf 1 ECX: TSC-deadline mode of the LAPIC timer.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX: hypervisor present.
 const ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX: multi-threading (logical processor count valid).
@@ -46,6 +48,10 @@ pub enum HypervisorLeaves {
 pub struct CpuidOptions {
     /// Hypervisor leaves to expose.
     pub hypervisor: HypervisorLeaves,
+    /// Offer the TSC-deadline LAPIC timer. KVM emulates it when it has
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`, but KVM_GET_SUPPORTED_CPUID does not
+    /// report it, so the VMM must ask for it.
+    pub tsc_deadline: bool,
 }
 
 /// Errors of CPUID setup.
@@ -159,6 +165,9 @@ pub fn normalize_cpuid(
             LEAF_FEATURES => {
                 e.ebx = (apic_id << 24) | (ids_per_pkg.min(0xff) << 16) | (CLFLUSH_LINE_SIZE << 8);
                 e.ecx |= ECX_HYPERVISOR;
+                if opts.tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 if n > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -292,6 +301,17 @@ mod tests {
     }
 
     #[test]
+    fn tsc_deadline_is_offered_on_request() {
+        let mut c = sample();
+        let opts = CpuidOptions {
+            tsc_deadline: true,
+            ..Default::default()
+        };
+        normalize_cpuid(&mut c, 0, 1, &opts).unwrap();
+        assert_ne!(get(&c, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
     fn normalizes_topology() {
         let mut c = sample();
         normalize_cpuid(&mut c, 2, 3, &CpuidOptions::default()).unwrap();
@@ -301,6 +321,7 @@ mod tests {
         assert_eq!((l1.ebx >> 8) & 0xff, 8);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
+        assert_eq!(l1.ecx & ECX_TSC_DEADLINE, 0, "only offered when asked");
 
         assert_eq!(get(&c, 4, 0).eax >> 26, 3);
         assert_eq!((get(&c, 4, 0).eax >> 14) & 0xfff, 0);
@@ -351,6 +372,7 @@ mod tests {
         ));
         let hv = CpuidOptions {
             hypervisor: HypervisorLeaves::HyperV,
+            ..Default::default()
         };
         assert!(matches!(
             normalize_cpuid(&mut c, 0, 1, &hv),

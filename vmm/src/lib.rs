@@ -169,6 +169,10 @@ fn run_vm(
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let cpuid_options = arch::CpuidOptions {
+        tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        ..Default::default()
+    };
     let pio = Arc::new(dm.pio.clone());
     let mmio = Arc::new(dm.mmio.clone());
     let mut vcpus = Vec::new();
@@ -177,8 +181,16 @@ fn run_vm(
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        arch::configure_vcpu(&fd, &boot_memory, &supported_cpuid, id, ncpus, kernel.entry)
-            .map_err(|e| boot_err(&e))?;
+        arch::configure_vcpu_with(
+            &fd,
+            &boot_memory,
+            &supported_cpuid,
+            id,
+            ncpus,
+            kernel.entry,
+            &cpuid_options,
+        )
+        .map_err(|e| boot_err(&e))?;
         vcpus.push(Vcpu::new(id, fd, pio.clone(), mmio.clone()));
     }
     drop(boot_memory);
