@@ -17,8 +17,10 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 /// Why a vCPU stopped running guest code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuStop {
-    /// The guest asked for a reset (triple fault or KVM reset event).
+    /// The guest asked for a reset (KVM reset event).
     Reset,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN); handled as a reset.
+    TripleFault,
     /// The guest powered off.
     PowerOff,
     /// The guest crashed (KVM crash event).
@@ -109,7 +111,7 @@ impl Vcpu {
                 }
             }
             VcpuExit::Hlt => return Ok(Some(VcpuStop::Halted)),
-            VcpuExit::Shutdown => return Ok(Some(VcpuStop::Reset)),
+            VcpuExit::Shutdown => return Ok(Some(VcpuStop::TripleFault)),
             VcpuExit::SystemEvent(kind, _) => {
                 return Ok(Some(match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::PowerOff,

@@ -114,6 +114,10 @@ impl Vmm {
         while let Ok(VcpuEvent { id, stop }) = self.vcpu_events.try_recv() {
             let reason = match stop {
                 VcpuStop::Reset => ExitReason::Reset,
+                VcpuStop::TripleFault => {
+                    log::warn!("vCPU {id}: guest triple fault; resetting like a reboot");
+                    ExitReason::Reset
+                }
                 VcpuStop::PowerOff => ExitReason::PowerOff,
                 VcpuStop::Crash => ExitReason::Crashed(format!("vCPU {id} reported a guest crash")),
                 VcpuStop::Halted => {
