@@ -1,4 +1,4 @@
-//! ACPI tables (RSDP, XSDT, FADT, DSDT, MADT) for a hardware-reduced
+//! ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, SRAT) for a hardware-reduced
 //! ACPI platform, written into guest memory below 1 MiB.
 //!
 //! Design decisions:
@@ -18,6 +18,12 @@
 //!   the guest's rtc_cmos driver spends seconds probing ports 0x70/0x71.
 //! - No interrupt source overrides: ISA IRQs map 1:1 to GSIs (KVM's
 //!   default in-kernel routing), e.g. the serial port on GSI 4.
+//! - One NUMA proximity domain (0) in the SRAT holding every vCPU and boot
+//!   RAM; virtio-mem reports the same domain as its `node_id`
+//!   (`VIRTIO_MEM_F_ACPI_PXM`). The hotplug region is deliberately not
+//!   listed: a hot-pluggable range above 4 GiB makes Linux reserve a 64 MiB
+//!   swiotlb bounce buffer at boot, which virtio devices (64-bit DMA) never
+//!   use, and virtio-mem needs no SRAT entry to add memory.
 
 use acpi_tables::aml::{Name, Package, Path, Scope};
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -27,9 +33,10 @@ use acpi_tables::madt::{
 };
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
+use acpi_tables::srat::MemoryAffinity;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{
     to_u64, ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT,
@@ -50,6 +57,10 @@ const TABLE_ALIGN: u64 = 16;
 const DSDT_REVISION: u8 = 6;
 /// Length of the standard ACPI table header.
 const SDT_HEADER_LEN: u32 = 36;
+/// SRAT revision (ACPI 6.x).
+const SRAT_REVISION: u8 = 3;
+/// The one NUMA proximity domain (16 bits: virtio-mem's `node_id` width).
+pub const PROXIMITY_DOMAIN: u16 = 0;
 
 /// Errors of ACPI table creation.
 #[derive(Debug, thiserror::Error)]
@@ -191,11 +202,53 @@ pub fn build_madt(num_cpus: u8) -> Result<Vec<u8>> {
     Ok(to_bytes(&madt))
 }
 
-/// Writes RSDP (at [`RSDP_START`]), XSDT, FADT, DSDT and MADT into guest
-/// memory and returns the RSDP address.
+/// SRAT "Processor Local APIC Affinity" structure (type 0, 16 bytes); the
+/// acpi_tables crate has none for x86.
+fn lapic_affinity(apic_id: u8, domain: u32) -> [u8; 16] {
+    let d = domain.to_le_bytes();
+    let mut s = [0u8; 16];
+    s[0] = 0; // type
+    s[1] = 16; // length
+    s[2] = d[0]; // proximity domain bits 7:0
+    s[3] = apic_id;
+    s[4] = 1; // flags: enabled
+    s[9..12].copy_from_slice(&d[1..4]); // proximity domain bits 31:8
+    s
+}
+
+/// Builds the SRAT: vCPUs `0..num_cpus` and the RAM ranges `ram` (base,
+/// size), all in [`PROXIMITY_DOMAIN`].
+pub fn build_srat(num_cpus: u8, ram: &[(GuestAddress, u64)]) -> Vec<u8> {
+    let mut srat = Sdt::new(
+        *b"SRAT",
+        SDT_HEADER_LEN,
+        SRAT_REVISION,
+        OEM_ID,
+        table_id(b"SRAT"),
+        OEM_REVISION,
+    );
+    let mut body = Vec::new();
+    body.extend_from_slice(&1u32.to_le_bytes()); // reserved, must be 1
+    body.extend_from_slice(&[0u8; 8]); // reserved
+    let domain = u32::from(PROXIMITY_DOMAIN);
+    for cpu in 0..num_cpus {
+        body.extend_from_slice(&lapic_affinity(cpu, domain));
+    }
+    for &(base, size) in ram {
+        MemoryAffinity::new(domain, base.0, size)
+            .enabled()
+            .to_aml_bytes(&mut body);
+    }
+    srat.append_slice(&body);
+    srat.as_slice().to_vec()
+}
+
+/// Writes RSDP (at [`RSDP_START`]), XSDT, FADT, DSDT, MADT and SRAT into
+/// guest memory and returns the RSDP address.
 ///
-/// `devices` are complete AML `Device` objects; they are placed in the
-/// DSDT's `\_SB_` scope in order.
+/// `mem` is boot RAM (every region goes into the SRAT). `devices` are
+/// complete AML `Device` objects; they are placed in the DSDT's `\_SB_`
+/// scope in order.
 pub fn create_acpi_tables(
     mem: &GuestMemoryMmap,
     num_cpus: u8,
@@ -208,9 +261,12 @@ pub fn create_acpi_tables(
     let dsdt = w.write("DSDT", &build_dsdt(devices))?;
     let fadt = w.write("FACP", &build_fadt(dsdt))?;
     let madt = w.write("APIC", &build_madt(num_cpus)?)?;
+    let ram: Vec<_> = mem.iter().map(|r| (r.start_addr(), r.len())).collect();
+    let srat = w.write("SRAT", &build_srat(num_cpus, &ram))?;
     let mut xsdt = XSDT::new(OEM_ID, table_id(b"XSDT"), OEM_REVISION);
     xsdt.add_entry(fadt.0);
     xsdt.add_entry(madt.0);
+    xsdt.add_entry(srat.0);
     let xsdt = w.write("XSDT", &to_bytes(&xsdt))?;
 
     let rsdp = Rsdp::new(OEM_ID, xsdt.0);
@@ -279,9 +335,10 @@ mod tests {
         let xsdt_addr = u64_at(&rsdp, 24);
 
         let xsdt = read_table(&mem, xsdt_addr, b"XSDT");
-        assert_eq!(xsdt.len(), 36 + 2 * 8);
+        assert_eq!(xsdt.len(), 36 + 3 * 8);
         let fadt_addr = u64_at(&xsdt, 36);
         let madt_addr = u64_at(&xsdt, 44);
+        let srat_addr = u64_at(&xsdt, 52);
 
         let fadt = read_table(&mem, fadt_addr, b"FACP");
         assert_eq!(fadt.len(), 276);
@@ -342,6 +399,42 @@ mod tests {
         assert_eq!(off, madt.len());
         assert_eq!((lapics, ioapics), (4, 1));
 
+        // SRAT: reserved 1 at 36, then 4 LAPIC affinities, then one memory
+        // affinity per boot RAM region.
+        let srat = read_table(&mem, srat_addr, b"SRAT");
+        assert_eq!(srat[8], SRAT_REVISION);
+        assert_eq!(u32_at(&srat, 36), 1);
+        let mut off = 48;
+        let (mut cpus, mut ranges) = (0u8, Vec::new());
+        while off < srat.len() {
+            let (ty, len) = (srat[off], srat[off + 1] as usize);
+            match ty {
+                0 => {
+                    assert_eq!(len, 16);
+                    assert_eq!(srat[off + 2], 0, "proximity domain");
+                    assert_eq!(srat[off + 3], cpus, "apic id");
+                    assert_eq!(u32_at(&srat, off + 4), 1, "enabled");
+                    cpus += 1;
+                }
+                1 => {
+                    assert_eq!(len, 40);
+                    assert_eq!(u32_at(&srat, off + 2), 0, "proximity domain");
+                    let base = u64_at(&srat, off + 8);
+                    let size = u64_at(&srat, off + 16);
+                    ranges.push((base, size, u32_at(&srat, off + 28)));
+                }
+                t => panic!("unexpected SRAT entry type {t}"),
+            }
+            off += len;
+        }
+        assert_eq!(off, srat.len());
+        assert_eq!(cpus, 4);
+        let want: Vec<_> = boot_ram_regions(64 << 20)
+            .into_iter()
+            .map(|(a, l)| (a.0, l as u64, 1))
+            .collect();
+        assert_eq!(ranges, want, "(base, size, flags: 1 = enabled)");
+
         // Every table lies in [0xe0000, 0x100000) and none overlaps another.
         let mut spans = [
             (0xe0000u64, 36u64),
@@ -349,6 +442,7 @@ mod tests {
             (fadt_addr, fadt.len() as u64),
             (dsdt_addr, dsdt.len() as u64),
             (madt_addr, madt.len() as u64),
+            (srat_addr, srat.len() as u64),
         ];
         spans.sort();
         for w in spans.windows(2) {

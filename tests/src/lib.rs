@@ -312,7 +312,11 @@ pub const GIB: u64 = 1 << 30;
 /// A guest that answers commands on its console, one per line:
 /// `mem` → `MEMTOTAL_KB=`; `fill NAME N` → writes (touches) an N MiB tmpfs
 /// file (`FILLED=` its size); `drop NAME` → deletes it (`DROPPED=`);
-/// `blocks` → online memory blocks (`ONLINE_BLOCKS=`); `reboot`.
+/// `blocks` → online memory blocks (`ONLINE_BLOCKS=`); `vmemfeatures` →
+/// the virtio-mem device's negotiated feature bits, bit 0 first
+/// (`VIRTIO_MEM_FEATURES=`); `dmesg REGEX` → kernel log lines matching
+/// (`DMESG_COUNT=`); `node0blocks` → online memory blocks of NUMA node 0
+/// (`NODE0_BLOCKS=`); `reboot`.
 /// It prints `READY=1` when it starts listening.
 pub const INTERACTIVE: &str = r#"
 stty -echo 2>/dev/null
@@ -325,6 +329,11 @@ while read -r cmd a b; do
     fill) dd if=/dev/zero of="/dev/shm/$a" bs=1M count="$b" 2>/dev/null; kv FILLED "$(du -m "/dev/shm/$a" | cut -f1)" ;;
     drop) rm -f "/dev/shm/$a"; kv DROPPED "$a" ;;
     blocks) kv ONLINE_BLOCKS "$(cat /sys/devices/system/memory/memory*/state | grep -c online)" ;;
+    vmemfeatures) for d in /sys/bus/virtio/devices/*; do
+        [ "$(cat "$d/device")" = 0x0018 ] && kv VIRTIO_MEM_FEATURES "$(cat "$d/features")"
+      done ;;
+    dmesg) kv DMESG_COUNT "$(dmesg | grep -c -- "$a")" ;;
+    node0blocks) kv NODE0_BLOCKS "$(cat /sys/devices/system/node/node0/memory*/state | grep -c online)" ;;
     reboot) reboot -f ;;
   esac
 done

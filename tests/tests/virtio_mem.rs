@@ -77,6 +77,17 @@ fn plug_one_gib_then_unplug_it_back_to_boot_size() {
         (m["plugged_size"] == GIB).then_some(m)
     });
     assert_eq!(grown["requested_size"], BOOT_MIB * MIB + GIB);
+    // The driver took the NUMA node from ACPI (VIRTIO_MEM_F_ACPI_PXM, bit 0)
+    // and agreed that unplugged memory is inaccessible (bit 1); the kernel
+    // read the node from the SRAT, and the plugged memory sits in it.
+    let features = vm.ask("vmemfeatures", "VIRTIO_MEM_FEATURES", CONVERGE);
+    assert!(features.starts_with("11"), "virtio-mem features {features}");
+    assert!(ask_u64(&mut vm, "dmesg SRAT:.Node.0.PXM.0", "DMESG_COUNT") >= 1);
+    assert_eq!(
+        ask_u64(&mut vm, "node0blocks", "NODE0_BLOCKS"),
+        ask_u64(&mut vm, "blocks", "ONLINE_BLOCKS"),
+        "every online memory block belongs to node 0"
+    );
     assert_eq!(
         grown["memslots_in_use"],
         GIB / slot_size,

@@ -237,16 +237,13 @@ fn create_memory_devices(
     memory: &MemoryManager,
 ) -> Result<MemoryDevices, VmmError> {
     let mut devices = MemoryDevices::default();
-    if let Some(region) = memory.hotplug_region() {
-        let (base, size) = {
-            let r = region.lock().expect("hotplug region");
-            (r.base(), r.size())
-        };
+    if let (Some(region), Some((base, size))) = (memory.hotplug_region(), memory.hotplug_range()) {
         let mem_config = VirtioMemConfig {
             region_addr: base,
             region_size: size,
             block_size: config.memory.block_size,
-            node_id: None,
+            // The one proximity domain of the SRAT.
+            node_id: Some(arch::acpi::PROXIMITY_DOMAIN),
         };
         let device = VirtioMem::new(mem_config, Box::new(HotplugBackend(region.clone())))
             .map_err(|e| VmmError::Memory(memory::MemoryError::Layout(e.to_string())))?;
