@@ -30,9 +30,7 @@ WORK = os.path.join(REPO, "build", "harness-work")
 TIDEVM = os.path.join(REPO, "target", "release", "tidevm")
 VMLINUX = os.path.join(ASSETS, "vmlinux")
 BZIMAGE = os.path.join(ASSETS, "bzImage")
-CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet" + (
-    " " + os.environ["TIDEVM_BENCH_CMDLINE_EXTRA"]
-    if os.environ.get("TIDEVM_BENCH_CMDLINE_EXTRA") else "")
+CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 MIB = 1 << 20
 GIB = 1 << 30
 # Terminal control sequences (SeaBIOS clears the screen before the kernel).
