@@ -55,32 +55,12 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Configures vCPU `cpu_id` of `num_cpus` for a 64-bit Linux boot at
-/// `entry`: CPUID (KVM hypervisor leaves), MSRs, general and special
+/// `entry`: CPUID (normalised with `cpuid_opts`), MSRs, general and special
 /// registers (writing GDT/page tables to `mem`), FPU and LINT0/LINT1.
 ///
 /// Every vCPU gets the boot register state; with the in-kernel irqchip the
 /// APs still wait for INIT/SIPI. Requires the in-kernel irqchip.
 pub fn configure_vcpu(
-    vcpu: &VcpuFd,
-    mem: &GuestMemoryMmap,
-    supported_cpuid: &CpuId,
-    cpu_id: u8,
-    num_cpus: u8,
-    entry: GuestAddress,
-) -> Result<()> {
-    configure_vcpu_with(
-        vcpu,
-        mem,
-        supported_cpuid,
-        cpu_id,
-        num_cpus,
-        entry,
-        &CpuidOptions::default(),
-    )
-}
-
-/// [`configure_vcpu`] with explicit CPUID options (e.g. Hyper-V leaves later).
-pub fn configure_vcpu_with(
     vcpu: &VcpuFd,
     mem: &GuestMemoryMmap,
     supported_cpuid: &CpuId,
@@ -123,7 +103,16 @@ mod kvm_tests {
         let num_cpus = 2;
         for id in 0..num_cpus {
             let vcpu = vm.create_vcpu(u64::from(id)).unwrap();
-            configure_vcpu(&vcpu, &mem, &supported, id, num_cpus, entry).unwrap();
+            configure_vcpu(
+                &vcpu,
+                &mem,
+                &supported,
+                id,
+                num_cpus,
+                entry,
+                &CpuidOptions::default(),
+            )
+            .unwrap();
 
             let regs = vcpu.get_regs().unwrap();
             assert_eq!(regs.rip, 0x100_0000);

@@ -181,7 +181,7 @@ fn run_vm(
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        arch::configure_vcpu_with(
+        arch::configure_vcpu(
             &fd,
             &boot_memory,
             &supported_cpuid,
@@ -237,7 +237,11 @@ fn create_memory_devices(
     memory: &MemoryManager,
 ) -> Result<MemoryDevices, VmmError> {
     let mut devices = MemoryDevices::default();
-    if let (Some(region), Some((base, size))) = (memory.hotplug_region(), memory.hotplug_range()) {
+    if let Some(region) = memory.hotplug_region() {
+        let (base, size) = {
+            let r = region.lock().expect("hotplug region");
+            (r.base(), r.size())
+        };
         let mem_config = VirtioMemConfig {
             region_addr: base,
             region_size: size,

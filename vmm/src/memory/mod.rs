@@ -132,14 +132,6 @@ impl MemoryManager {
         self.hotplug.as_ref()
     }
 
-    /// Guest-physical base and size of the hotplug region, when configured.
-    pub fn hotplug_range(&self) -> Option<(GuestAddress, u64)> {
-        self.hotplug.as_ref().map(|h| {
-            let region = h.lock().expect("hotplug region");
-            (region.base(), region.size())
-        })
-    }
-
     /// KVM memslots in use for hotplugged memory.
     pub fn hotplug_slots_in_use(&self) -> u32 {
         self.hotplug
