@@ -30,7 +30,10 @@ WORK = os.path.join(REPO, "build", "harness-work")
 TIDEVM = os.path.join(REPO, "target", "release", "tidevm")
 VMLINUX = os.path.join(ASSETS, "vmlinux")
 BZIMAGE = os.path.join(ASSETS, "bzImage")
-CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+# TIDEVM_BENCH_APPEND adds guest kernel parameters for an experiment (e.g.
+# nokaslr, so that a crash address maps to System.map).
+CMDLINE = " ".join(["console=ttyS0 reboot=k panic=-1 quiet",
+                    os.environ.get("TIDEVM_BENCH_APPEND", "")]).strip()
 MIB = 1 << 20
 GIB = 1 << 30
 # Terminal control sequences (SeaBIOS clears the screen before the kernel).

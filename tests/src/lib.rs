@@ -316,7 +316,10 @@ pub const GIB: u64 = 1 << 30;
 /// the virtio-mem device's negotiated feature bits, bit 0 first
 /// (`VIRTIO_MEM_FEATURES=`); `dmesg REGEX` → kernel log lines matching
 /// (`DMESG_COUNT=`); `node0blocks` → online memory blocks of NUMA node 0
-/// (`NODE0_BLOCKS=`); `reboot`.
+/// (`NODE0_BLOCKS=`); `busy` → starts a loop that prints `M=<MemTotal>`
+/// every 0.2 s, keeping the console and the scheduler busy (`BUSY=` its
+/// pid); `rfill NAME N` → an N MiB tmpfs file of random bytes
+/// (`RFILLED=` its md5); `sum NAME` → a file's md5 (`SUM=`); `reboot`.
 /// It prints `READY=1` when it starts listening.
 pub const INTERACTIVE: &str = r#"
 stty -echo 2>/dev/null
@@ -334,6 +337,11 @@ while read -r cmd a b; do
       done ;;
     dmesg) kv DMESG_COUNT "$(dmesg | grep -c -- "$a")" ;;
     node0blocks) kv NODE0_BLOCKS "$(cat /sys/devices/system/node/node0/memory*/state | grep -c online)" ;;
+    busy) ( while :; do kv M "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)"; sleep 0.2; done ) &
+          kv BUSY $! ;;
+    rfill) dd if=/dev/urandom of="/dev/shm/$a" bs=1M count="$b" 2>/dev/null
+           kv RFILLED "$(md5sum < "/dev/shm/$a" | cut -d' ' -f1)" ;;
+    sum) kv SUM "$(md5sum < "/dev/shm/$a" | cut -d' ' -f1)" ;;
     reboot) reboot -f ;;
   esac
 done

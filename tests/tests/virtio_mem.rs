@@ -282,3 +282,61 @@ fn a_rebooted_guest_comes_back_with_nothing_plugged() {
     assert_eq!(status, 204);
     assert_eq!(vm.wait_exit(Duration::from_secs(60)).code(), Some(0));
 }
+
+#[test]
+fn five_grow_shrink_cycles_with_a_console_busy_guest_keep_its_data() {
+    let mut vm = start("virtio-mem-cycles", "", &[]);
+    vm.wait_for("READY=1", BOOT_TIMEOUT);
+    let boot = BOOT_MIB * MIB;
+    let boot_kib = ask_u64(&mut vm, "mem", "MEMTOTAL_KB");
+    // 256 MiB of random data the guest holds throughout: every unplug has
+    // to migrate whatever of it sits in plugged memory.
+    let sum = vm.ask("rfill held 256", "RFILLED", CONVERGE);
+    // A guest printing on its console all the time (each byte a VM exit,
+    // a fork every 0.2 s) is the load under which unplugging used to stall
+    // and reset guests.
+    vm.ask("busy", "BUSY", CONVERGE);
+    for cycle in 1..=5 {
+        let (status, body) = put_size(&vm, boot + GIB);
+        assert_eq!(status, 204, "{body}");
+        let grown = wait_memtotal(&mut vm, &format!("cycle {cycle}: MemTotal +1 GiB"), |k| {
+            k >= boot_kib + GIB / 1024
+        });
+        assert_eq!(
+            grown,
+            boot_kib + GIB / 1024,
+            "cycle {cycle}: exactly +1 GiB"
+        );
+        assert_eq!(memory(&vm)["plugged_size"], GIB, "cycle {cycle}");
+
+        let (status, body) = put_size(&vm, boot);
+        assert_eq!(status, 204, "{body}");
+        let m = poll(
+            &format!("cycle {cycle}: plugged_size to fall to 0"),
+            CONVERGE,
+            || {
+                let m = memory(&vm);
+                (m["plugged_size"] == 0).then_some(m)
+            },
+        );
+        assert_eq!(m["memslots_in_use"], 0, "cycle {cycle}");
+        let shrunk = wait_memtotal(&mut vm, &format!("cycle {cycle}: MemTotal back"), |k| {
+            k <= boot_kib
+        });
+        assert_eq!(shrunk, boot_kib, "cycle {cycle}: back to boot size");
+        eprintln!(
+            "cycle {cycle}: {:.1} s since start, longest memslot update {} us",
+            vm.started.elapsed().as_secs_f64(),
+            m["longest_memslot_update_us"]
+        );
+    }
+    assert_eq!(vm.ask("sum held", "SUM", CONVERGE), sum, "held data intact");
+    assert!(
+        !vm.stderr().contains("triple fault"),
+        "the guest never reset:\n{}",
+        vm.stderr()
+    );
+    let (status, _) = vm.api("PUT", "/vm/power-off", None);
+    assert_eq!(status, 204);
+    assert_eq!(vm.wait_exit(Duration::from_secs(60)).code(), Some(0));
+}

@@ -113,7 +113,7 @@ fn run_vm(
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-    let memory = MemoryManager::new(vm.clone(), &config.memory)?;
+    let memory = MemoryManager::new(vm.clone(), &config.memory, config.balloon.is_some())?;
     let guest_memory = memory.guest_memory().clone();
     let mut em =
         EventManager::<Subscriber>::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;

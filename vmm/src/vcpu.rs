@@ -88,6 +88,33 @@ impl Vcpu {
         }
     }
 
+    /// A one-line summary of the vCPU's registers, for the log of a
+    /// guest crash (what the guest was doing when it triple-faulted).
+    /// On AMD hosts KVM has already reset the vCPU when it reports the
+    /// shutdown, so there the registers show the reset state.
+    fn fault_state(&self) -> String {
+        let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return "registers unreadable".into();
+        };
+        format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} \
+             efer={:#x} cs={:#x} idt={:#x}+{:#x} gdt={:#x} tr={:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector,
+            s.idt.base,
+            s.idt.limit,
+            s.gdt.base,
+            s.tr.base
+        )
+    }
+
     fn run_once(&mut self) -> Result<Option<VcpuStop>, kvm_ioctls::Error> {
         let id = self.id;
         match self.fd.run()? {
@@ -111,7 +138,10 @@ impl Vcpu {
                 }
             }
             VcpuExit::Hlt => return Ok(Some(VcpuStop::Halted)),
-            VcpuExit::Shutdown => return Ok(Some(VcpuStop::TripleFault)),
+            VcpuExit::Shutdown => {
+                log::warn!("vCPU {id}: triple fault, state at the fault: {}", self.fault_state());
+                return Ok(Some(VcpuStop::TripleFault));
+            }
             VcpuExit::SystemEvent(kind, _) => {
                 return Ok(Some(match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::PowerOff,

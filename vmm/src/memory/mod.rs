@@ -49,15 +49,24 @@ pub struct MemoryManager {
 impl MemoryManager {
     /// Allocates boot memory, registers it with KVM and reserves the
     /// hotplug region (mapped nowhere until plugged).
-    pub fn new(vm: Arc<VmFd>, config: &MemoryConfig) -> Result<Self, MemoryError> {
+    ///
+    /// `balloon` says that a balloon will give back single 4 KiB pages of
+    /// boot memory: boot memory then stays on 4 KiB host pages, since a
+    /// discarded page inside a transparent huge page frees nothing until
+    /// the host splits it. Otherwise boot memory, like the hotplug region,
+    /// asks for huge pages.
+    pub fn new(vm: Arc<VmFd>, config: &MemoryConfig, balloon: bool) -> Result<Self, MemoryError> {
         let regions = arch::boot_ram_regions(config.size);
-        let boot_backing = Backing::new(
+        let mut boot_backing = Backing::new(
             config.size,
             config.shared,
             config.hugepages,
             config.prefault,
             false,
         )?;
+        if !balloon {
+            boot_backing = boot_backing.with_transparent_huge_pages();
+        }
         let mut slot_ids = SlotMap::new();
         let mut mapped = Vec::new();
         let mut offset = 0;
@@ -84,7 +93,8 @@ impl MemoryManager {
                 config.hugepages,
                 false,
                 true,
-            )?;
+            )?
+            .with_transparent_huge_pages();
             Some(Arc::new(Mutex::new(HotplugRegion::new(
                 GuestAddress(base),
                 config.hotplug_size,
