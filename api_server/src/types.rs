@@ -54,12 +54,77 @@ pub struct MemoryInfo {
     /// Longest single KVM memslot update so far, in microseconds: the
     /// longest a resize can have stalled guest memory accesses.
     pub longest_memslot_update_us: u64,
-    /// Hotplug mechanism: `"virtio-mem"` or `"none"`.
+    /// Hotplug mechanism: `"virtio-mem"`, `"hv-balloon"` or `"none"`.
     pub hotplug_method: String,
     /// Balloon target size, if a balloon is configured.
     pub balloon_target_size: Option<u64>,
     /// Balloon size reported by the guest, if a balloon is configured.
     pub balloon_actual_size: Option<u64>,
+    /// The Hyper-V Dynamic Memory device, with `hotplug_method` `"hv-balloon"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hv_balloon: Option<HvBalloonInfo>,
+}
+
+/// The Hyper-V Dynamic Memory device in `GET /vm/memory`. Sizes in bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HvBalloonInfo {
+    /// Whether the guest's hv_vmbus is connected.
+    pub vmbus_connected: bool,
+    /// Whether the DM channel is open (hv_balloon bound).
+    pub channel_open: bool,
+    /// Handshake state: `"awaiting-version"`, `"awaiting-capabilities"` or `"ready"`.
+    pub state: String,
+    /// The agreed DM protocol version (`"2.0"`), once agreed.
+    pub protocol_version: Option<String>,
+    /// The guest's hot-add block, once it reported its capabilities.
+    pub hot_add_alignment: Option<u64>,
+    /// Target guest size, once set.
+    pub target_size: Option<u64>,
+    /// Guest memory now: boot + hot-added - ballooned - orphaned.
+    pub guest_size: u64,
+    /// Memory hot-added into the hotplug region.
+    pub hot_added_size: u64,
+    /// Memory the guest ballooned (and the host discarded).
+    pub ballooned_size: u64,
+    /// Memory an earlier driver instance ballooned and never gave back.
+    pub orphaned_size: u64,
+    /// Whether an operation is outstanding with the guest.
+    pub busy: bool,
+    /// `"enabled"`, `"paused"` or `"stopped"`.
+    pub hot_add: String,
+    /// The guest's last status report, if any (Linux sends the first ~45 s
+    /// after the driver binds).
+    pub last_status: Option<HvStatusReport>,
+    /// Reported balloon pages that were refused, by reason (4 KiB pages).
+    pub rejected_pages: HvRejectedPages,
+    /// Guest messages (VMBus and DM) that were malformed or out of place.
+    pub bad_guest_messages: u64,
+    /// Times the guest broke a ring of the channel.
+    pub ring_errors: u64,
+}
+
+/// The guest's last DM status report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HvStatusReport {
+    /// Memory the guest has committed, in bytes.
+    pub committed: u64,
+    /// Memory available in the guest, in bytes.
+    pub available: u64,
+    /// Milliseconds since the report arrived.
+    pub age_ms: u64,
+}
+
+/// Balloon pages the guest reported that were not accepted, in 4 KiB pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HvRejectedPages {
+    /// Not guest RAM (MMIO holes, beyond RAM, memory not hot-added).
+    pub outside_ram: u64,
+    /// Already ballooned.
+    pub already_ballooned: u64,
+    /// More than the request asked for.
+    pub exceeds_request: u64,
+    /// No request was outstanding.
+    pub unsolicited: u64,
 }
 
 /// Body of the response to `GET /vm/balloon`.

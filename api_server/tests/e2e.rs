@@ -36,6 +36,7 @@ fn memory_info() -> MemoryInfo {
         hotplug_method: "virtio-mem".to_string(),
         balloon_target_size: Some(0),
         balloon_actual_size: None,
+        hv_balloon: None,
     }
 }
 

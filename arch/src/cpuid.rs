@@ -10,6 +10,9 @@ use kvm_ioctls::VcpuFd;
 pub const HYPERVISOR_LEAF_BASE: u32 = 0x4000_0000;
 /// Last leaf of the hypervisor CPUID range.
 pub const HYPERVISOR_LEAF_LAST: u32 = 0x4000_00ff;
+/// Last leaf a guest scans for hypervisor signatures (Linux looks for
+/// KVM's in steps of 0x100 up to here).
+const HYPERVISOR_RANGE_LAST: u32 = 0x4000_ffff;
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -39,8 +42,9 @@ pub enum HypervisorLeaves {
     /// KVM's own paravirt leaves (`KVMKVMKVM`, kvmclock, ...), as KVM reports them.
     #[default]
     Kvm,
-    /// Hyper-V enlightenment leaves (`Microsoft Hv`). Not implemented yet.
-    HyperV,
+    /// Hyper-V leaves (`Microsoft Hv`, `Hv#1`) offering these features,
+    /// instead of KVM's: see [`crate::hyperv::cpuid_leaves`].
+    HyperV(crate::hyperv::HypervFeatures),
 }
 
 /// Options of CPUID normalization.
@@ -68,9 +72,6 @@ pub enum CpuidError {
         /// vCPU count.
         num_cpus: u8,
     },
-    /// The requested hypervisor leaves are not implemented.
-    #[error("{0:?} CPUID hypervisor leaves are not implemented yet")]
-    HypervisorLeavesUnsupported(HypervisorLeaves),
     /// Too many CPUID entries for KVM.
     #[error("too many CPUID entries for KVM: {0:?}")]
     TooManyEntries(vmm_sys_util::fam::Error),
@@ -144,9 +145,6 @@ pub fn normalize_cpuid(
     }
     if cpu_id >= num_cpus {
         return Err(CpuidError::CpuIdOutOfRange { cpu_id, num_cpus });
-    }
-    if opts.hypervisor != HypervisorLeaves::Kvm {
-        return Err(CpuidError::HypervisorLeavesUnsupported(opts.hypervisor));
     }
     let bits = core_bits(num_cpus);
     // Addressable core ids per package, a power of two.
@@ -230,6 +228,13 @@ pub fn normalize_cpuid(
             .any(|e| e.function == LEAF_TOPOLOGY_V2)
     {
         set_topology_leaf(cpuid, LEAF_TOPOLOGY_V2, apic_id, n, bits)?;
+    }
+    if let HypervisorLeaves::HyperV(features) = opts.hypervisor {
+        // Only Hyper-V's leaves: with KVM's also present Linux picks KVM.
+        cpuid.retain(|e| !(HYPERVISOR_LEAF_BASE..=HYPERVISOR_RANGE_LAST).contains(&e.function));
+        for e in crate::hyperv::cpuid_leaves(num_cpus, features) {
+            cpuid.push(e).map_err(CpuidError::TooManyEntries)?;
+        }
     }
     // HypervisorLeaves::Kvm: the 0x40000000.. leaves stay as KVM reports them.
     Ok(())
@@ -360,7 +365,7 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_ids_and_hyperv() {
+    fn rejects_bad_ids() {
         let mut c = sample();
         assert!(matches!(
             normalize_cpuid(&mut c, 3, 3, &CpuidOptions::default()),
@@ -370,13 +375,39 @@ mod tests {
             normalize_cpuid(&mut c, 0, 0, &CpuidOptions::default()),
             Err(CpuidError::NoCpus)
         ));
+    }
+
+    #[test]
+    fn hyperv_leaves_replace_kvm_leaves() {
+        let mut c = sample();
+        c.push(leaf(0x4000_0001, 0, 0x0100_00fb, 0, 0, 0)).unwrap();
+        c.push(leaf(
+            0x4000_0100,
+            0,
+            0x4000_0101,
+            0x4b4d_564b,
+            0x564b_4d56,
+            0x4d,
+        ))
+        .unwrap();
         let hv = CpuidOptions {
-            hypervisor: HypervisorLeaves::HyperV,
+            hypervisor: HypervisorLeaves::HyperV(Default::default()),
             ..Default::default()
         };
-        assert!(matches!(
-            normalize_cpuid(&mut c, 0, 1, &hv),
-            Err(CpuidError::HypervisorLeavesUnsupported(_))
-        ));
+        normalize_cpuid(&mut c, 1, 2, &hv).unwrap();
+        let sig = get(&c, 0x4000_0000, 0);
+        assert_eq!(sig.ebx, crate::hyperv::VENDOR_SIGNATURE[0]);
+        assert_eq!(
+            get(&c, 0x4000_0001, 0).eax,
+            crate::hyperv::INTERFACE_SIGNATURE
+        );
+        assert_eq!(get(&c, 0x4000_0005, 0).eax, 2);
+        let hv_leaves = c
+            .as_slice()
+            .iter()
+            .filter(|e| e.function >= 0x4000_0000 && e.function <= 0x4000_ffff)
+            .count();
+        assert_eq!(hv_leaves, 6, "no KVM leaf is left, at 0x40000000 or above");
+        assert_ne!(get(&c, 1, 0).ecx & ECX_HYPERVISOR, 0);
     }
 }

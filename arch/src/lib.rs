@@ -1,6 +1,7 @@
 //! x86_64 architecture support for tidevm: guest memory layout, kernel and
 //! initrd loading, zero page and e820, vCPU registers, CPUID, MSRs, local
-//! APIC and ACPI tables.
+//! APIC, ACPI tables and the Hyper-V enlightenments (CPUID, SynIC pages,
+//! hypercall decoding).
 //!
 //! Boot flow for the VMM:
 //! 1. create guest memory from [`boot_ram_regions`];
@@ -15,6 +16,7 @@ compile_error!("the arch crate supports x86_64 only");
 pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
+pub mod hyperv;
 pub mod kernel;
 pub mod lapic;
 pub mod layout;
@@ -167,5 +169,50 @@ mod kvm_tests {
             assert_eq!((lint0 >> 8) & 7, lapic::APIC_MODE_EXTINT);
             assert_eq!((lint1 >> 8) & 7, lapic::APIC_MODE_NMI);
         }
+    }
+
+    #[test]
+    fn hyperv_leaves_on_kvm() {
+        let Some(kvm) = kvm() else { return };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&boot_ram_regions(64 << 20)).unwrap();
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        // Masked by KVM where it can say (not on every /dev/kvm).
+        let features = match hyperv::supported_features(&kvm) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("no Hyper-V on this KVM ({e}): unmasked leaves");
+                hyperv::HypervFeatures::default()
+            }
+        };
+        let opts = CpuidOptions {
+            hypervisor: HypervisorLeaves::HyperV(features),
+            ..Default::default()
+        };
+        let vcpu = vm.create_vcpu(0).unwrap();
+        configure_vcpu(
+            &vcpu,
+            &mem,
+            &supported,
+            0,
+            1,
+            GuestAddress(0x100_0000),
+            &opts,
+        )
+        .unwrap();
+        let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let sig = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == cpuid::HYPERVISOR_LEAF_BASE)
+            .unwrap();
+        assert_eq!(sig.ebx, hyperv::VENDOR_SIGNATURE[0]);
+        let hv = cpuid
+            .as_slice()
+            .iter()
+            .filter(|e| (0x4000_0000..=0x4000_ffff).contains(&e.function))
+            .count();
+        assert_eq!(hv, 6, "only the Hyper-V leaves");
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod discard;
+pub mod hyperv;
 pub mod legacy;
 pub mod virtio;
 

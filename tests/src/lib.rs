@@ -319,7 +319,10 @@ pub const GIB: u64 = 1 << 30;
 /// (`NODE0_BLOCKS=`); `busy` → starts a loop that prints `M=<MemTotal>`
 /// every 0.2 s, keeping the console and the scheduler busy (`BUSY=` its
 /// pid); `rfill NAME N` → an N MiB tmpfs file of random bytes
-/// (`RFILLED=` its md5); `sum NAME` → a file's md5 (`SUM=`); `reboot`.
+/// (`RFILLED=` its md5); `sum NAME` → a file's md5 (`SUM=`); `hvstat KEY`
+/// → a field of hv_balloon's debugfs file, e.g. `pages_ballooned`
+/// (`HVSTAT=`); `hvreload` → reloads hv_balloon, or, the module being
+/// permanent, unbinds and rebinds its device (`HVRELOAD=` how); `reboot`.
 /// It prints `READY=1` when it starts listening.
 pub const INTERACTIVE: &str = r#"
 stty -echo 2>/dev/null
@@ -342,6 +345,12 @@ while read -r cmd a b; do
     rfill) dd if=/dev/urandom of="/dev/shm/$a" bs=1M count="$b" 2>/dev/null
            kv RFILLED "$(md5sum < "/dev/shm/$a" | cut -d' ' -f1)" ;;
     sum) kv SUM "$(md5sum < "/dev/shm/$a" | cut -d' ' -f1)" ;;
+    hvstat) grep -q " /sys/kernel/debug " /proc/mounts || mount -t debugfs none /sys/kernel/debug
+            kv HVSTAT "$(awk -F: -v k="$a" '$1 ~ "^"k" *$" {gsub(/ /, "", $2); print $2}' /sys/kernel/debug/hv-balloon)" ;;
+    hvreload) if rmmod hv_balloon 2>/dev/null; then insmod /lib/modules/hv_balloon.ko; kv HVRELOAD rmmod
+              else drv=/sys/bus/vmbus/drivers/hv_balloon
+                for d in "$drv"/*-*; do n=${d##*/}; echo "$n" > "$drv/unbind"; echo "$n" > "$drv/bind"; done
+                kv HVRELOAD rebind; fi ;;
     reboot) reboot -f ;;
   esac
 done

@@ -1,9 +1,15 @@
 //! API requests, answered on the event loop: validate, plan, act, report.
 
-use api_server::types::{BalloonInfo, BalloonStatistics, MemoryInfo, VmInfo};
+use api_server::types::{
+    BalloonInfo, BalloonStatistics, HvBalloonInfo, HvRejectedPages, HvStatusReport, MemoryInfo,
+    VmInfo,
+};
 use api_server::{ApiRequest, ApiResponse};
+use devices::hyperv::device::DynamicMemoryReport;
+use devices::hyperv::dm::protocol::DM_PAGE_SIZE;
+use devices::hyperv::dm::{HotAddState, Phase};
 
-use crate::resize::{plan_resize, MemoryLimits};
+use crate::resize::{plan_dm_resize, plan_resize, DmLimits, MemoryLimits, DEFAULT_HOT_ADD_BLOCK};
 use crate::vmm::{ExitReason, Vmm};
 
 impl Vmm {
@@ -48,6 +54,10 @@ impl Vmm {
 
     /// Where guest memory stands.
     pub(crate) fn memory_info(&self) -> MemoryInfo {
+        if let Some(device) = &self.memory_devices.hv_balloon {
+            let report = device.lock().expect("hv-balloon").report();
+            return self.dm_memory_info(&report);
+        }
         let cfg = self.memory.config();
         let (hotplug_requested, plugged) = self
             .memory_devices
@@ -82,10 +92,107 @@ impl Vmm {
             },
             balloon_target_size: balloon_target,
             balloon_actual_size: balloon_actual,
+            hv_balloon: None,
         }
     }
 
+    /// `GET /vm/memory` with the Dynamic Memory device.
+    fn dm_memory_info(&self, r: &DynamicMemoryReport) -> MemoryInfo {
+        let cfg = self.memory.config();
+        let dm = &r.dm;
+        let c = &dm.counters;
+        let plugged = self
+            .memory
+            .hotplug_region()
+            .map_or(0, |h| h.lock().expect("hotplug region").plugged());
+        let info = HvBalloonInfo {
+            vmbus_connected: r.connected,
+            channel_open: r.channel_open,
+            state: match dm.phase {
+                Phase::AwaitingVersion => "awaiting-version",
+                Phase::AwaitingCapabilities => "awaiting-capabilities",
+                Phase::Ready => "ready",
+            }
+            .to_string(),
+            protocol_version: dm.version.map(|v| format!("{}.{}", v.major(), v.minor())),
+            hot_add_alignment: dm
+                .capabilities
+                .map(|c| c.hot_add_alignment_pages() * DM_PAGE_SIZE),
+            target_size: dm.target_bytes,
+            guest_size: dm.guest_bytes,
+            hot_added_size: dm.hot_added_bytes,
+            ballooned_size: dm.ballooned_bytes,
+            orphaned_size: dm.orphaned_bytes,
+            busy: dm.busy,
+            hot_add: match dm.hot_add {
+                HotAddState::Enabled => "enabled",
+                HotAddState::Paused => "paused",
+                HotAddState::Stopped => "stopped",
+            }
+            .to_string(),
+            last_status: dm.last_status.map(|s| HvStatusReport {
+                committed: s.report.num_committed.saturating_mul(DM_PAGE_SIZE),
+                available: s.report.num_avail.saturating_mul(DM_PAGE_SIZE),
+                age_ms: u64::try_from(s.at.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }),
+            rejected_pages: HvRejectedPages {
+                outside_ram: c.rejected_outside_ram,
+                already_ballooned: c.rejected_already_ballooned,
+                exceeds_request: c.rejected_exceeds_request,
+                unsolicited: c.rejected_unsolicited,
+            },
+            bad_guest_messages: r.vmbus.malformed
+                + r.metrics.bad_dm_messages
+                + r.metrics.foreign_packets,
+            ring_errors: r.metrics.ring_errors,
+        };
+        MemoryInfo {
+            boot_size: cfg.size,
+            hotplug_size: cfg.hotplug_size,
+            requested_size: dm.target_bytes.unwrap_or(cfg.size),
+            plugged_size: plugged,
+            block_size: info.hot_add_alignment.unwrap_or(DEFAULT_HOT_ADD_BLOCK),
+            slot_size: cfg.slot_size,
+            memslots_in_use: self.memory.hotplug_slots_in_use(),
+            longest_memslot_update_us: u64::try_from(self.memory.longest_slot_ioctl().as_micros())
+                .unwrap_or(u64::MAX),
+            hotplug_method: "hv-balloon".to_string(),
+            balloon_target_size: None,
+            balloon_actual_size: None,
+            hv_balloon: Some(info),
+        }
+    }
+
+    /// Resizes through the Dynamic Memory device: validate, then set its
+    /// target; the guest converges on its own.
+    fn resize_dm(&mut self, requested: u64) -> Option<ApiResponse> {
+        let device = self.memory_devices.hv_balloon.as_ref()?;
+        let mut device = device.lock().expect("hv-balloon");
+        let cfg = self.memory.config();
+        let limits = DmLimits {
+            boot_size: cfg.size,
+            hotplug_size: cfg.hotplug_size,
+            hot_add_block: device
+                .report()
+                .dm
+                .capabilities
+                .map_or(DEFAULT_HOT_ADD_BLOCK, |c| {
+                    c.hot_add_alignment_pages() * DM_PAGE_SIZE
+                }),
+        };
+        Some(match plan_dm_resize(requested, &limits) {
+            Ok(target) => {
+                device.set_target(target);
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::error(e.status(), e.to_string()),
+        })
+    }
+
     fn resize_memory(&mut self, requested: u64) -> ApiResponse {
+        if let Some(response) = self.resize_dm(requested) {
+            return response;
+        }
         let plan = match plan_resize(requested, &self.limits()) {
             Ok(plan) => plan,
             Err(e) => return ApiResponse::error(e.status(), e.to_string()),

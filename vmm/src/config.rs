@@ -177,6 +177,9 @@ pub struct CpusConfig {
 pub enum HotplugMethod {
     /// A virtio-mem device.
     VirtioMem,
+    /// A Hyper-V Dynamic Memory device on a VMBus: the guest sees Hyper-V
+    /// (and not KVM) and needs the hv_vmbus and hv_balloon drivers.
+    HvBalloon,
 }
 
 /// Guest memory configuration (`--memory`).
@@ -306,8 +309,9 @@ usage: tidevm --kernel PATH [--initrd PATH] [--cmdline \"ARGS\"]
   --initrd PATH      initial ramdisk
   --cmdline ARGS     kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
   --cpus boot=N      vCPUs (default 1); `--cpus 2` works too
-  --memory ...       size=SIZE boot memory (default 512M); hotplug_size=SIZE region for
-                     virtio-mem; hotplug_method=virtio-mem; block_size=SIZE (default 2M);
+  --memory ...       size=SIZE boot memory (default 512M); hotplug_size=SIZE hotplug region;
+                     hotplug_method=virtio-mem (default) or hv-balloon (Hyper-V Dynamic
+                     Memory: the guest sees Hyper-V); block_size=SIZE (default 2M);
                      slot_size=SIZE KVM memslot size (default 128M); shared=on (memfd);
                      hugepages=on; prefault=on. SIZE: bytes or K/M/G suffix
   --disk ...         path=FILE[,readonly=on] a virtio-blk disk; repeatable
@@ -450,7 +454,10 @@ fn parse_memory(input: &str) -> Result<MemoryConfig> {
         hotplug_size: opts.size("hotplug_size")?.unwrap_or(0),
         hotplug_method: match opts.string("hotplug_method").as_deref() {
             None | Some("virtio-mem") => HotplugMethod::VirtioMem,
-            Some(v) => return Err(opts.invalid("hotplug_method", v, "expected virtio-mem")),
+            Some("hv-balloon") => HotplugMethod::HvBalloon,
+            Some(v) => {
+                return Err(opts.invalid("hotplug_method", v, "expected virtio-mem or hv-balloon"))
+            }
         },
         block_size: opts.size("block_size")?.unwrap_or(2 * MIB),
         slot_size: opts.size("slot_size")?.unwrap_or(128 * MIB),
@@ -493,6 +500,13 @@ fn parse_memory(input: &str) -> Result<MemoryConfig> {
             "hotplug_size",
             &size_str(config.hotplug_size),
             format!("must be a multiple of slot_size ({})", config.slot_size),
+        ));
+    }
+    if config.hotplug_method == HotplugMethod::HvBalloon && config.hotplug_size == 0 {
+        return Err(opts.invalid(
+            "hotplug_method",
+            "hv-balloon",
+            "needs a hotplug region: add hotplug_size=SIZE",
         ));
     }
     if config.hotplug_size > MAX_HOTPLUG_MEMORY {
@@ -643,5 +657,34 @@ mod tests {
             err(&["--kernel", k, "--disk", "readonly=on"]).contains("--disk path needs a value")
         );
         assert!(err(&["--kernel", k, "--on-reboot", "dance"]).contains("expected exit or restart"));
+    }
+
+    #[test]
+    fn hotplug_method() {
+        let method = |m: &str| parse_memory(m).map(|c| c.hotplug_method);
+        assert_eq!(method("512M,hotplug_size=4G"), Ok(HotplugMethod::VirtioMem));
+        assert_eq!(
+            method("512M,hotplug_size=4G,hotplug_method=virtio-mem"),
+            Ok(HotplugMethod::VirtioMem)
+        );
+        assert_eq!(
+            method("size=512M,hotplug_size=4G,hotplug_method=hv-balloon"),
+            Ok(HotplugMethod::HvBalloon)
+        );
+        assert_eq!(method("512M"), Ok(HotplugMethod::VirtioMem));
+        let err = |m: &str| parse_memory(m).unwrap_err().to_string();
+        assert_eq!(
+            err("512M,hotplug_method=hv-balloon"),
+            "--memory: invalid value 'hv-balloon' for 'hotplug_method': \
+             needs a hotplug region: add hotplug_size=SIZE"
+        );
+        assert_eq!(
+            err("512M,hotplug_size=4G,hotplug_method=dimm"),
+            "--memory: invalid value 'dimm' for 'hotplug_method': expected virtio-mem or hv-balloon"
+        );
+        assert_eq!(
+            serde_json::to_string(&HotplugMethod::HvBalloon).unwrap(),
+            "\"hv-balloon\""
+        );
     }
 }

@@ -17,10 +17,12 @@ use devices::virtio::mmio::{self, MmioTransport, MMIO_SIZE, NOTIFY_REG_OFFSET};
 use devices::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
 use devices::Bus;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KvmIrqRouting;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{SerialConfig, VmConfig};
+use crate::hyperv::{Synic, SynicEvents, SINT_GSI_BASE};
 
 /// The event loop's subscriber type.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -59,6 +61,9 @@ pub enum DeviceError {
     /// No interrupt line or MMIO window is left for another device.
     #[error("too many devices: no free interrupt line left")]
     OutOfIrqs,
+    /// The Hyper-V SynIC could not be wired.
+    #[error("Hyper-V SynIC: {0}")]
+    Synic(String),
 }
 
 /// Events the guest raises through legacy devices.
@@ -211,6 +216,51 @@ impl DeviceManager {
         log::info!("{name} at {base:#x}, IRQ {irq}");
         self.next_irq += 1;
         self.next_mmio += MMIO_SIZE;
+        Ok(())
+    }
+
+    /// Adds a device that exists only as an ACPI description (the VMBus).
+    pub fn add_acpi_device(&mut self, device: Box<dyn Aml>) {
+        self.acpi_devices.push(device);
+    }
+
+    /// Routes each VP's VMBus SINT to a GSI of its own (from
+    /// [`SINT_GSI_BASE`], beside the irqchip's default routes, which
+    /// `KVM_SET_GSI_ROUTING` would otherwise drop), attaches the SynIC's
+    /// irqfds with their EOM resample fds, and puts its delivery retries
+    /// on the event loop. Call it after the SynIC of every vCPU is on:
+    /// KVM binds a SINT route to a vCPU's SynIC when the routes are set.
+    pub fn wire_synic(
+        &mut self,
+        vm: &VmFd,
+        em: &mut EventManager<Subscriber>,
+        synic: &Arc<Synic>,
+    ) -> Result<(), DeviceError> {
+        let mut routes = arch::hyperv::default_irqchip_routes();
+        for (vp, _, _) in synic.sint_fds() {
+            routes.push(arch::hyperv::sint_route(
+                SINT_GSI_BASE + vp,
+                vp,
+                arch::hyperv::VMBUS_SINT,
+            ));
+        }
+        let table = KvmIrqRouting::from_entries(&routes)
+            .map_err(|e| DeviceError::Synic(format!("GSI routing table: {e:?}")))?;
+        vm.set_gsi_routing(&table)
+            .map_err(|source| DeviceError::Kvm {
+                what: "the SynIC interrupt routes".into(),
+                source,
+            })?;
+        for (vp, sint, ack) in synic.sint_fds() {
+            vm.register_irqfd_with_resample(sint, ack, SINT_GSI_BASE + vp)
+                .map_err(|source| DeviceError::Kvm {
+                    what: format!("the VMBus SINT of VP {vp}"),
+                    source,
+                })?;
+        }
+        let events =
+            SynicEvents::new(synic.clone()).map_err(|e| DeviceError::Synic(e.to_string()))?;
+        em.add_subscriber(Arc::new(Mutex::new(events)));
         Ok(())
     }
 

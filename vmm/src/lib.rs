@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod device_manager;
+pub mod hyperv;
 pub mod logger;
 pub mod memory;
 pub mod resize;
@@ -29,6 +30,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use config::VmConfig;
 use device_manager::{DeviceManager, Subscriber};
+use devices::hyperv::device::{DynamicMemoryConfig, DynamicMemoryDevice, GuestMessageQueue};
+use devices::hyperv::vmbus::guid::{DYNAMIC_MEMORY_CLASS_ID, DYNAMIC_MEMORY_INSTANCE_ID};
+use devices::hyperv::vmbus::message::ChannelOffer;
 use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::mem::{VirtioMem, VirtioMemConfig};
 use memory::hotplug::HotplugBackend;
@@ -113,7 +117,9 @@ fn run_vm(
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-    let memory = MemoryManager::new(vm.clone(), &config.memory, config.balloon.is_some())?;
+    let balloon = config.balloon.is_some()
+        || config.memory.hotplug_method == config::HotplugMethod::HvBalloon;
+    let memory = MemoryManager::new(vm.clone(), &config.memory, balloon)?;
     let guest_memory = memory.guest_memory().clone();
     let mut em =
         EventManager::<Subscriber>::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
@@ -127,7 +133,11 @@ fn run_vm(
         })?;
         dm.add_virtio(&vm, &mut em, &guest_memory, Arc::new(Mutex::new(block)))?;
     }
-    let memory_devices = create_memory_devices(config, &memory)?;
+    let hv_balloon = config.memory.hotplug_method == config::HotplugMethod::HvBalloon;
+    if hv_balloon {
+        dm.add_acpi_device(Box::new(arch::hyperv::VmbusAcpiDevice));
+    }
+    let mut memory_devices = create_memory_devices(config, &memory)?;
     if let Some(mem) = &memory_devices.virtio_mem {
         dm.add_virtio(&vm, &mut em, &guest_memory, mem.clone())?;
     }
@@ -169,18 +179,47 @@ fn run_vm(
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let cpuid_options = arch::CpuidOptions {
+    let mut cpuid_options = arch::CpuidOptions {
         tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
         ..Default::default()
+    };
+    let ncpus = config.cpus.boot_vcpus;
+    let hyperv = if hv_balloon {
+        if !kvm.check_extension(kvm_ioctls::Cap::HypervSynic2) {
+            return Err(VmmError::Kvm(
+                "hotplug_method=hv-balloon needs KVM's Hyper-V SynIC (KVM_CAP_HYPERV_SYNIC2)"
+                    .into(),
+            ));
+        }
+        let features =
+            arch::hyperv::supported_features(&kvm).map_err(|e| VmmError::Kvm(e.to_string()))?;
+        cpuid_options.hypervisor = arch::HypervisorLeaves::HyperV(features);
+        let synic = Arc::new(
+            hyperv::Synic::new(guest_memory.clone(), ncpus)
+                .map_err(|e| VmmError::Kvm(e.to_string()))?,
+        );
+        let device = create_dynamic_memory(config, &memory, &synic)?;
+        let host = Arc::new(Mutex::new(hyperv::VmbusHost::new(
+            device.lock().expect("hv-balloon").queue().clone(),
+            DM_OFFER.connection_id,
+        )));
+        em.add_subscriber(device.clone());
+        memory_devices.hv_balloon = Some(device);
+        let exits = Arc::new(hyperv::HypervExits::new(synic.clone(), host));
+        Some((synic, exits))
+    } else {
+        None
     };
     let pio = Arc::new(dm.pio.clone());
     let mmio = Arc::new(dm.mmio.clone());
     let mut vcpus = Vec::new();
-    let ncpus = config.cpus.boot_vcpus;
     for id in 0..ncpus {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        if hyperv.is_some() {
+            hyperv::enable_synic(&fd).map_err(|e| VmmError::Kvm(format!("vCPU {id}: {e}")))?;
+        }
         arch::configure_vcpu(
             &fd,
             &boot_memory,
@@ -191,7 +230,14 @@ fn run_vm(
             &cpuid_options,
         )
         .map_err(|e| boot_err(&e))?;
-        vcpus.push(Vcpu::new(id, fd, pio.clone(), mmio.clone()));
+        let vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone());
+        vcpus.push(match &hyperv {
+            Some((_, exits)) => vcpu.with_hyperv(exits.clone()),
+            None => vcpu,
+        });
+    }
+    if let Some((synic, _)) = &hyperv {
+        dm.wire_synic(&vm, &mut em, synic)?;
     }
     drop(boot_memory);
 
@@ -230,14 +276,15 @@ fn run_vm(
     Ok(reason)
 }
 
-/// Creates the virtio-mem device (over the hotplug region) and the balloon
-/// the configuration asks for.
+/// Creates the virtio-mem device (over the hotplug region, unless the
+/// region is for hv-balloon) and the balloon the configuration asks for.
 fn create_memory_devices(
     config: &VmConfig,
     memory: &MemoryManager,
 ) -> Result<MemoryDevices, VmmError> {
     let mut devices = MemoryDevices::default();
-    if let Some(region) = memory.hotplug_region() {
+    let virtio_mem = config.memory.hotplug_method == config::HotplugMethod::VirtioMem;
+    if let Some(region) = memory.hotplug_region().filter(|_| virtio_mem) {
         let (base, size) = {
             let r = region.lock().expect("hotplug region");
             (r.base(), r.size())
@@ -266,13 +313,68 @@ fn create_memory_devices(
     Ok(devices)
 }
 
+/// The one channel tidevm offers: Dynamic Memory, relid 1, signalled on
+/// connection id 17 (QEMU's choice: 16 + relid).
+const DM_OFFER: ChannelOffer = ChannelOffer {
+    class_id: DYNAMIC_MEMORY_CLASS_ID,
+    instance_id: DYNAMIC_MEMORY_INSTANCE_ID,
+    child_relid: 1,
+    connection_id: 17,
+};
+
+/// Creates the Hyper-V Dynamic Memory device over the hotplug region (the
+/// same one virtio-mem would use), answering through `synic`.
+fn create_dynamic_memory(
+    config: &VmConfig,
+    memory: &MemoryManager,
+    synic: &Arc<hyperv::Synic>,
+) -> Result<Arc<Mutex<DynamicMemoryDevice>>, VmmError> {
+    let layout_err = |e: &dyn std::fmt::Display| {
+        VmmError::Memory(memory::MemoryError::Layout(format!("hv-balloon: {e}")))
+    };
+    let region = memory
+        .hotplug_region()
+        .ok_or_else(|| layout_err(&"hotplug_method=hv-balloon needs hotplug_size"))?;
+    let (base, size) = {
+        let r = region.lock().expect("hotplug region");
+        (r.base().0, r.size())
+    };
+    let boot_ram = arch::boot_ram_regions(config.memory.size)
+        .into_iter()
+        .map(|(addr, len)| (addr.0, len as u64))
+        .collect();
+    let device_config = DynamicMemoryConfig {
+        offer: DM_OFFER,
+        vcpu_count: u32::from(config.cpus.boot_vcpus),
+        boot_ram,
+        hotplug_base: base,
+        hotplug_size: size,
+    };
+    let queue = Arc::new(GuestMessageQueue::new()?);
+    let device = DynamicMemoryDevice::new(
+        device_config,
+        memory.guest_memory().clone(),
+        Box::new(hyperv::SynicVmbusPort(synic.clone())),
+        queue,
+        Box::new(HotplugBackend(region.clone())),
+    )
+    .map_err(|e| layout_err(&e))?;
+    Ok(Arc::new(Mutex::new(device)))
+}
+
 fn build_cmdline(config: &VmConfig) -> Result<Cmdline, linux_loader::cmdline::Error> {
     let mut cmdline = Cmdline::new(config::CMDLINE_MAX_SIZE)?;
     cmdline.insert_str(&config.cmdline)?;
     if config.memory.hotplug_size > 0 && !config.cmdline.contains("memhp_default_state=") {
-        // Plugged memory is useless offline, and only movable memory can
-        // be unplugged again.
-        cmdline.insert_str("memhp_default_state=online_movable")?;
+        // Plugged memory is useless offline. virtio-mem unplugs, and only
+        // movable memory can be unplugged again. Hyper-V DM never unplugs:
+        // it takes memory back by ballooning, and hv_balloon's allocations
+        // cannot come from ZONE_MOVABLE, so hot-added memory goes to a
+        // kernel zone where the balloon can reach it.
+        cmdline.insert_str(match config.memory.hotplug_method {
+            config::HotplugMethod::VirtioMem => "memhp_default_state=online_movable",
+            config::HotplugMethod::HvBalloon => "memhp_default_state=online",
+        })?;
     }
     Ok(cmdline)
 }

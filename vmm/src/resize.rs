@@ -1,11 +1,14 @@
 //! Resize policy: one requested guest size becomes a virtio-mem request
-//! (above boot size) and a balloon target (below it).
+//! (above boot size) and a balloon target (below it), or, with
+//! `hotplug_method=hv-balloon`, one Dynamic Memory target
+//! ([`plan_dm_resize`]: the DM device balloons and hot-adds on its own).
 //!
-//! `plan_resize` is a pure function: the API handler validates and plans
+//! `plan_resize` and `plan_dm_resize` are pure functions: the API handler validates and plans
 //! with it before touching any device, so a refused request changes nothing.
 
 use std::sync::{Arc, Mutex};
 
+use devices::hyperv::device::DynamicMemoryDevice;
 use devices::virtio::balloon::Balloon;
 use devices::virtio::mem::VirtioMem;
 
@@ -19,6 +22,8 @@ pub struct MemoryDevices {
     pub virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
     /// virtio-balloon.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// The Hyper-V Dynamic Memory device (`hotplug_method=hv-balloon`).
+    pub hv_balloon: Option<Arc<Mutex<DynamicMemoryDevice>>>,
 }
 
 /// What bounds a resize.
@@ -159,6 +164,54 @@ pub fn plan_resize(requested: u64, limits: &MemoryLimits) -> Result<ResizePlan, 
     })
 }
 
+/// What bounds a Dynamic Memory (hv-balloon) resize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmLimits {
+    /// Boot memory.
+    pub boot_size: u64,
+    /// Hotplug region size.
+    pub hotplug_size: u64,
+    /// The guest's hot-add block (its memory block size, from the DM
+    /// capabilities; 128 MiB until the guest reports it).
+    pub hot_add_block: u64,
+}
+
+/// The hot-add block a Linux guest with less than 64 GiB of boot RAM uses.
+pub const DEFAULT_HOT_ADD_BLOCK: u64 = 128 << 20;
+
+/// Validates `requested` total guest memory for the Dynamic Memory device
+/// and returns its target: any whole number of pages up to boot size (the
+/// guest balloons from anywhere, hot-added memory included), and boot size
+/// plus whole hot-add blocks above it.
+pub fn plan_dm_resize(requested: u64, limits: &DmLimits) -> Result<u64, ResizeError> {
+    let DmLimits {
+        boot_size: boot,
+        hotplug_size,
+        hot_add_block: block,
+    } = *limits;
+    if requested == 0 {
+        return Err(ResizeError::Zero);
+    }
+    if !requested.is_multiple_of(BALLOON_PAGE) {
+        return Err(ResizeError::NotPageMultiple {
+            requested,
+            page: BALLOON_PAGE,
+        });
+    }
+    let max = boot + hotplug_size;
+    if requested > max {
+        return Err(ResizeError::AboveMax { requested, max });
+    }
+    if requested > boot && !(requested - boot).is_multiple_of(block.max(1)) {
+        return Err(ResizeError::NotBlockMultiple {
+            requested,
+            boot,
+            block,
+        });
+    }
+    Ok(requested)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +252,32 @@ mod tests {
                 balloon_target: None
             })
         );
+    }
+
+    #[test]
+    fn dm_targets_are_pages_below_boot_and_blocks_above() {
+        let l = DmLimits {
+            boot_size: GIB,
+            hotplug_size: 8 * GIB,
+            hot_add_block: DEFAULT_HOT_ADD_BLOCK,
+        };
+        assert_eq!(plan_dm_resize(GIB - 512 * MIB, &l), Ok(512 * MIB));
+        assert_eq!(plan_dm_resize(GIB - 4096, &l), Ok(GIB - 4096));
+        assert_eq!(plan_dm_resize(2 * GIB, &l), Ok(2 * GIB));
+        assert_eq!(plan_dm_resize(9 * GIB, &l), Ok(9 * GIB));
+        assert_eq!(plan_dm_resize(0, &l), Err(ResizeError::Zero));
+        assert!(matches!(
+            plan_dm_resize(GIB + 1, &l),
+            Err(ResizeError::NotPageMultiple { .. })
+        ));
+        assert!(matches!(
+            plan_dm_resize(GIB + 64 * MIB, &l),
+            Err(ResizeError::NotBlockMultiple { block, .. }) if block == DEFAULT_HOT_ADD_BLOCK
+        ));
+        assert!(matches!(
+            plan_dm_resize(9 * GIB + 128 * MIB, &l),
+            Err(ResizeError::AboveMax { .. })
+        ));
     }
 
     #[test]

@@ -14,6 +14,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::hyperv::HypervExits;
+
 /// Why a vCPU stopped running guest code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuStop {
@@ -60,12 +62,25 @@ pub struct Vcpu {
     fd: VcpuFd,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    hyperv: Option<Arc<HypervExits>>,
 }
 
 impl Vcpu {
     /// A vCPU dispatching to the given buses.
     pub fn new(id: u8, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
-        Self { id, fd, pio, mmio }
+        Self {
+            id,
+            fd,
+            pio,
+            mmio,
+            hyperv: None,
+        }
+    }
+
+    /// Handles the vCPU's Hyper-V exits (SynIC, hypercalls) with `exits`.
+    pub fn with_hyperv(mut self, exits: Arc<HypervExits>) -> Self {
+        self.hyperv = Some(exits);
+        self
     }
 
     /// The KVM vCPU.
@@ -161,6 +176,15 @@ impl Vcpu {
                 ))))
             }
             VcpuExit::Intr => {}
+            VcpuExit::Hyperv => match &self.hyperv {
+                // The VP index is the vCPU index (KVM's default).
+                Some(hv) => hv.handle_exit(u32::from(id), self.fd.get_kvm_run()),
+                None => {
+                    return Ok(Some(VcpuStop::Error(format!(
+                        "vCPU {id}: Hyper-V exit without Hyper-V enabled"
+                    ))))
+                }
+            },
             other => {
                 return Ok(Some(VcpuStop::Error(format!(
                     "vCPU {id}: unexpected KVM exit {other:?}"

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::MemoryConfig;
+use crate::config::{HotplugMethod, MemoryConfig};
 use backing::{Backing, BackingError};
 use hotplug::HotplugRegion;
 use slots::{SlotError, SlotMap};
@@ -87,14 +87,20 @@ impl MemoryManager {
             let base = arch::ram_end(config.size)
                 .max(arch::layout::RAM_64BIT_START)
                 .next_multiple_of(HOTPLUG_ALIGN.max(config.slot_size));
-            let backing = Backing::new(
+            let mut backing = Backing::new(
                 config.hotplug_size,
                 config.shared,
                 config.hugepages,
                 false,
                 true,
-            )?
-            .with_transparent_huge_pages();
+            )?;
+            // virtio-mem gives back whole, aligned blocks of 2 MiB or more:
+            // huge pages. Hyper-V DM balloons single pages from hot-added
+            // memory too, so that stays on 4 KiB pages like balloon boot
+            // memory.
+            if config.hotplug_method == HotplugMethod::VirtioMem {
+                backing = backing.with_transparent_huge_pages();
+            }
             Some(Arc::new(Mutex::new(HotplugRegion::new(
                 GuestAddress(base),
                 config.hotplug_size,
