@@ -13,6 +13,8 @@ pub mod block;
 pub mod mem;
 pub mod mmio;
 
+pub mod vsock;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
