@@ -12,6 +12,7 @@ pub mod balloon;
 pub mod block;
 pub mod mem;
 pub mod mmio;
+pub mod rng;
 
 pub mod vsock;
 
