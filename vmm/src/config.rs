@@ -237,6 +237,23 @@ pub struct BalloonConfig {
     pub stats_period_s: u64,
 }
 
+/// A virtio-vsock device with the hybrid Unix-socket backend (`--vsock`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// The Unix socket host clients connect to; guest connections to host
+    /// port P go to `<socket>_P`.
+    pub socket: PathBuf,
+}
+
+/// A virtio-rng device (`--rng`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RngConfig {
+    /// The host file random bytes are read from.
+    pub src: PathBuf,
+}
+
 /// The whole VM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmConfig {
@@ -256,6 +273,10 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Balloon device.
     pub balloon: Option<BalloonConfig>,
+    /// vsock device.
+    pub vsock: Option<VsockConfig>,
+    /// Entropy device.
+    pub rng: Option<RngConfig>,
     /// API socket path.
     pub api_socket: Option<PathBuf>,
     /// What a guest reboot does.
@@ -303,6 +324,7 @@ usage: tidevm --kernel PATH [--initrd PATH] [--cmdline \"ARGS\"]
               [--cpus boot=N] [--memory size=SIZE[,hotplug_size=SIZE][,...]]
               [--disk path=FILE[,readonly=on]]... [--serial tty|file=PATH|off]
               [--balloon size=SIZE[,deflate_on_oom=on][,free_page_reporting=on][,stats_period=S]]
+              [--vsock cid=N,socket=PATH] [--rng src=PATH]
               [--api-socket PATH] [--on-reboot exit|restart]
 
   --kernel PATH      guest kernel: ELF vmlinux or bzImage
@@ -318,6 +340,10 @@ usage: tidevm --kernel PATH [--initrd PATH] [--cmdline \"ARGS\"]
   --serial ...       tty (default), file=PATH or off
   --balloon ...      size=SIZE initial balloon; deflate_on_oom=on; free_page_reporting=on;
                      stats_period=SECONDS
+  --vsock ...        cid=N,socket=PATH a virtio-vsock device: the guest's CID (3 or more);
+                     host clients connect to PATH and send \"CONNECT <port>\\n\"; guest
+                     connections to host port P reach a listener at PATH_P
+  --rng ...          src=PATH a virtio-rng device fed from PATH (default /dev/urandom)
   --api-socket PATH  serve the REST API on this Unix socket
   --on-reboot ACTION exit (default: a guest reboot ends tidevm with status 0) or
                      restart (boot the guest again in a fresh VM)
@@ -337,6 +363,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
         "--memory",
         "--serial",
         "--balloon",
+        "--vsock",
+        "--rng",
         "--api-socket",
         "--on-reboot",
     ];
@@ -387,6 +415,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
             .remove("--balloon")
             .map(|b| parse_balloon(&b))
             .transpose()?,
+        vsock: single
+            .remove("--vsock")
+            .map(|v| parse_vsock(&v))
+            .transpose()?,
+        rng: single.remove("--rng").map(|r| parse_rng(&r)).transpose()?,
         api_socket: single.remove("--api-socket").map(PathBuf::from),
         on_reboot: match single.remove("--on-reboot").as_deref() {
             None | Some("exit") => RebootAction::Exit,
@@ -557,6 +590,43 @@ fn parse_balloon(input: &str) -> Result<BalloonConfig> {
     })
 }
 
+fn parse_vsock(input: &str) -> Result<VsockConfig> {
+    let opts = OptionParser::parse("--vsock", &["cid", "socket"], input)?;
+    let cid = opts
+        .number("cid")?
+        .ok_or(ConfigError::MissingValue("--vsock cid".into()))?;
+    if !(3..u64::from(u32::MAX)).contains(&cid) {
+        return Err(opts.invalid(
+            "cid",
+            &cid.to_string(),
+            "must be 3 or more (0-2 are reserved) and below 4294967295",
+        ));
+    }
+    let socket = opts
+        .string("socket")
+        .filter(|s| !s.is_empty())
+        .ok_or(ConfigError::MissingValue("--vsock socket".into()))?;
+    Ok(VsockConfig {
+        cid,
+        socket: PathBuf::from(socket),
+    })
+}
+
+fn parse_rng(input: &str) -> Result<RngConfig> {
+    let opts = OptionParser::parse("--rng", &["src"], input)?;
+    let src = opts
+        .string("src")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/dev/urandom".to_string());
+    let err = |reason: String| ConfigError::File {
+        flag: "--rng",
+        path: src.clone(),
+        reason,
+    };
+    std::fs::File::open(&src).map_err(|e| err(e.to_string()))?;
+    Ok(RngConfig { src: src.into() })
+}
+
 /// The host page size.
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -613,8 +683,20 @@ mod tests {
             "size=0,deflate_on_oom=on,stats_period=2",
             "--on-reboot",
             "restart",
+            "--vsock",
+            "cid=3,socket=/run/v.sock",
+            "--rng",
+            "src=/dev/urandom",
         ])
         .unwrap();
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                cid: 3,
+                socket: "/run/v.sock".into()
+            })
+        );
+        assert_eq!(c.rng.unwrap().src, PathBuf::from("/dev/urandom"));
         assert_eq!(c.cpus.boot_vcpus, 2);
         assert_eq!(c.memory.size, 512 << 20);
         assert_eq!(c.memory.hotplug_size, 4 << 30);
@@ -657,6 +739,11 @@ mod tests {
             err(&["--kernel", k, "--disk", "readonly=on"]).contains("--disk path needs a value")
         );
         assert!(err(&["--kernel", k, "--on-reboot", "dance"]).contains("expected exit or restart"));
+        assert!(err(&["--kernel", k, "--vsock", "cid=2,socket=/x"]).contains("must be 3 or more"));
+        assert!(err(&["--kernel", k, "--vsock", "cid=3"]).contains("--vsock socket needs a value"));
+        assert!(err(&["--kernel", k, "--vsock", "socket=/x"]).contains("--vsock cid needs a value"));
+        assert!(err(&["--kernel", k, "--rng", "src=/nonexistent"]).contains("cannot open"));
+        assert!(err(&["--kernel", k, "--rng", "seed=1"]).contains("unknown option 'seed'"));
     }
 
     #[test]

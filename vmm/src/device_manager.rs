@@ -55,6 +55,12 @@ pub enum DeviceError {
         /// Why.
         reason: String,
     },
+    /// The vsock device could not be created.
+    #[error("vsock: {0}")]
+    Vsock(String),
+    /// The entropy device could not be created.
+    #[error("rng: {0}")]
+    Rng(String),
     /// The balloon configuration was refused.
     #[error("balloon: {0}")]
     Balloon(String),

@@ -137,6 +137,21 @@ fn run_vm(
     if hv_balloon {
         dm.add_acpi_device(Box::new(arch::hyperv::VmbusAcpiDevice));
     }
+    if let Some(v) = &config.vsock {
+        let vsock = devices::virtio::vsock::Vsock::new(v.cid, &v.socket)
+            .map_err(|e| device_manager::DeviceError::Vsock(e.to_string()))?;
+        log::info!(
+            "vsock: guest CID {}, host socket {}",
+            v.cid,
+            v.socket.display()
+        );
+        dm.add_virtio(&vm, &mut em, &guest_memory, Arc::new(Mutex::new(vsock)))?;
+    }
+    if let Some(r) = &config.rng {
+        let rng = devices::virtio::rng::Rng::new(&r.src)
+            .map_err(|e| device_manager::DeviceError::Rng(e.to_string()))?;
+        dm.add_virtio(&vm, &mut em, &guest_memory, Arc::new(Mutex::new(rng)))?;
+    }
     let mut memory_devices = create_memory_devices(config, &memory)?;
     if let Some(mem) = &memory_devices.virtio_mem {
         dm.add_virtio(&vm, &mut em, &guest_memory, mem.clone())?;
