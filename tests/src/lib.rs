@@ -36,6 +36,20 @@ pub fn tidevm_bin() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/release/tidevm"))
 }
 
+/// The static guest-side vsock tool (`tests/guest/vsock-probe`), built by
+/// `tools/test`.
+pub fn vsock_probe() -> PathBuf {
+    let path = std::env::var_os("TIDEVM_VSOCK_PROBE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/x86_64-unknown-linux-gnu/release/vsock-probe"));
+    assert!(
+        path.exists(),
+        "{} is missing: tools/test builds it statically",
+        path.display()
+    );
+    path
+}
+
 /// Guest assets built by `tools/guest-assets`.
 pub fn asset(name: &str) -> PathBuf {
     let path = repo_root().join("build/assets").join(name);
@@ -61,16 +75,23 @@ pub fn work_dir(test: &str) -> PathBuf {
 /// Builds an initramfs that runs `scenario` (a shell script) as the
 /// guest's workload, then reboots. Cached by content.
 pub fn initramfs(work: &Path, scenario: &str) -> PathBuf {
+    initramfs_with(work, scenario, &[])
+}
+
+/// [`initramfs`] with extra host files: `(source, absolute guest path)`.
+pub fn initramfs_with(work: &Path, scenario: &str, extra: &[(&Path, &str)]) -> PathBuf {
     let script = work.join("scenario.sh");
     std::fs::write(&script, scenario).expect("write scenario");
     let out = work.join("initramfs.cpio.gz");
-    let status = Command::new(repo_root().join("tools/guest-assets"))
-        .args(["initramfs", "--scenario"])
+    let mut cmd = Command::new(repo_root().join("tools/guest-assets"));
+    cmd.args(["initramfs", "--scenario"])
         .arg(&script)
         .arg("--out")
-        .arg(&out)
-        .status()
-        .expect("run tools/guest-assets");
+        .arg(&out);
+    for (src, dest) in extra {
+        cmd.arg("--add").arg(format!("{}:{dest}", src.display()));
+    }
+    let status = cmd.status().expect("run tools/guest-assets");
     assert!(status.success(), "tools/guest-assets initramfs failed");
     out
 }

@@ -13,7 +13,6 @@ pub mod block;
 pub mod mem;
 pub mod mmio;
 pub mod rng;
-
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,48 @@
+//! What both sides of tidevm's vsock tests agree on: the byte pattern sent
+//! and the checksum of what arrived.
+
+/// FNV-1a, 64 bits: a checksum both sides compute the same way.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    /// Adds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// The checksum so far.
+    pub fn value(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Byte `i` of the test pattern.
+pub fn pattern(i: u64) -> u8 {
+    let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x.to_be_bytes()[0] ^ i.to_le_bytes()[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_and_pattern_are_stable() {
+        let mut f = Fnv::default();
+        f.update(b"a");
+        assert_eq!(f.value(), 0xaf63_dc4c_8601_ec8c);
+        let p: Vec<u8> = (0..4).map(pattern).collect();
+        assert_eq!(p, (0..4).map(pattern).collect::<Vec<_>>());
+        assert_ne!(pattern(0), pattern(1));
+    }
+}
