@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::connection::Connection;
+use super::connection::{Connection, State};
 use super::packet::{reset_for, ConnKey, Op, PacketHeader, TxKind, TxPacket};
 use super::unix_backend::{connect_nonblocking, Handshake, HandshakeStep, HostListener};
 use super::VsockError;
@@ -207,11 +207,15 @@ impl Muxer {
         let Some(rst) = reset_for(header, self.guest_cid) else {
             return;
         };
+        self.metrics.lone_resets += 1;
+        self.push_reset(rst);
+    }
+
+    fn push_reset(&mut self, rst: PacketHeader) {
         if self.lone_resets.len() >= MAX_PENDING_RESETS {
             self.metrics.dropped_resets += 1;
             return;
         }
-        self.metrics.lone_resets += 1;
         self.lone_resets.push_back(rst);
     }
 
@@ -254,6 +258,17 @@ impl Muxer {
         let Some(entry) = self.conns.get_mut(&key) else {
             return;
         };
+        if entry.conn.state() == State::Resetting {
+            // Close the host stream now; the reset waits for an RX buffer
+            // on its own, so a guest that gives none cannot keep a host
+            // client hanging.
+            let mut buf = [0u8; 0];
+            if let Some((rst, _)) = entry.conn.next_packet(self.guest_cid, &mut buf) {
+                self.push_reset(rst);
+            }
+            self.remove(key);
+            return;
+        }
         if entry.conn.is_closed() {
             self.remove(key);
             return;
@@ -304,6 +319,9 @@ impl Muxer {
                 .ctl(ControlOperation::Delete, fd, event(fd, EventSet::empty()));
         }
         self.by_fd.remove(&fd);
+        if self.queued.remove(&key) {
+            self.rx_queue.retain(|k| *k != key);
+        }
         let (to_guest, to_host) = entry.conn.bytes_moved();
         self.metrics.bytes_to_guest += to_guest;
         self.metrics.bytes_to_host += to_host;
@@ -711,6 +729,29 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn a_guest_without_rx_buffers_cannot_hang_host_clients() {
+        let sock = TempSock::new("norx");
+        let mut m = Muxer::new(CID, &sock.0).unwrap();
+        let mut client = UnixStream::connect(&sock.0).unwrap();
+        client.write_all(b"CONNECT 7\n").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // The request never reaches the guest (no RX buffers are drained).
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while m.metrics().host_connects == 0 || m.connection_count() > 0 {
+            assert!(Instant::now() < deadline, "the client was not given up");
+            m.process_host_events();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        // The guest never heard of it: no reset for it.
+        assert!(!m.has_rx_work());
     }
 
     #[test]
