@@ -2,8 +2,9 @@
 //! `struct vmbus_channel_*`, all packed and little-endian).
 //!
 //! The guest posts a message with the `HvPostMessage` hypercall: a 256-byte
-//! input block (see [`super::hypercall`]) carrying up to 240 payload bytes,
-//! which [`parse_guest_message`] decodes into a [`ChannelMessage`]. The host
+//! input block (checked by the VMM, `arch::hyperv::parse_post_message`)
+//! carrying up to 240 payload bytes, which [`parse_guest_message`] decodes
+//! into a [`ChannelMessage`]. The host
 //! answers with [`HostMessage`]s, written into SynIC message slot 2 of the
 //! target VP. Every message starts with an 8-byte header: `u32 msgtype`,
 //! `u32 padding`.
@@ -25,9 +26,8 @@ pub const HV_MESSAGE_TYPE_VMBUS: u32 = 1;
 /// Connection id the guest posts messages to with VMBus up to 4.x.
 pub const MESSAGE_CONNECTION_ID: u32 = 1;
 /// Connection id of INITIATE_CONTACT for VMBus 5.0 and later. tidevm does not
-/// listen on it: the post fails with
-/// [`super::hypercall::HvStatus::InvalidConnectionId`] and Linux moves on to
-/// version 4.1.
+/// listen on it: the post fails with "invalid connection id" (status 18)
+/// and Linux moves on to version 4.1.
 pub const MESSAGE_CONNECTION_ID_V5: u32 = 4;
 /// Only the low 24 bits of a connection id are significant.
 pub const CONNECTION_ID_MASK: u32 = 0x00ff_ffff;

@@ -3,8 +3,6 @@
 //! The layers, bottom up:
 //!
 //! - [`guid`]: Hyper-V GUIDs (mixed-endian bytes) and the Dynamic Memory ids.
-//! - [`hypercall`]: the `HvPostMessage` input block the guest posts
-//!   messages with ([`hypercall::parse_post_message`]).
 //! - [`message`]: channel-management messages. The host answers through
 //!   SynIC message slot 2. [`message::parse_guest_message`] decodes what the
 //!   guest posted, [`message::HostMessage::encode`] produces what the host
@@ -26,7 +24,6 @@
 
 pub mod gpadl;
 pub mod guid;
-pub mod hypercall;
 pub mod message;
 pub mod ring;
 pub mod ring_memory;

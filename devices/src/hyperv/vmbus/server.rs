@@ -18,7 +18,8 @@
 //! server keeps serving.
 //!
 //! The VMM feeds [`VmbusServer::handle_payload`] with each posted message
-//! in order (see [`super::hypercall::parse_post_message`]), then for each
+//! in order (the VMM checks the hypercall input block first,
+//! `arch::hyperv::parse_post_message`), then for each
 //! [`ServerOutput`] performs the actions first and queues the messages
 //! after, delivering them one SynIC message at a time to
 //! [`OutgoingMessage::target_vp`]. An [`ServerAction::OpenChannel`] must be
