@@ -15,6 +15,8 @@ kv MEMTOTAL_KB "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)"
 kv ACPI_DSDT "$(test -e /sys/firmware/acpi/tables/DSDT && echo yes || echo no)"
 kv RSDP_MISSING "$(dmesg | grep -c 'A valid RSDP was not found')"
 kv CONSOLE "$(cat /proc/consoles | awk '{print $1}' | head -1)"
+kv HYPERVISOR "$(dmesg | grep -o 'Hypervisor detected: .*' | head -1)"
+kv KVMCLOCK "$(dmesg | grep -c 'kvm-clock: Using msrs')"
 results_end
 "#;
 
@@ -53,6 +55,12 @@ fn boot_and_report(kernel: &str, cpus: u32, mem_mib: u64, ending: &str, stop: &s
         "ttyS0",
         "userspace prints through the UART"
     );
+    // Without hotplug_method=hv-balloon the guest sees KVM and its clock.
+    assert_eq!(
+        vm.value_from(0, "HYPERVISOR", t).1,
+        "Hypervisor detected: KVM"
+    );
+    assert_eq!(vm.value_from(0, "KVMCLOCK", t).1, "1", "kvm-clock in use");
     let status = vm.wait_exit(Duration::from_secs(60));
     assert_eq!(
         status.code(),
