@@ -242,6 +242,12 @@ impl Vm {
         }
     }
 
+    /// Kills tidevm with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child.kill().expect("SIGKILL tidevm");
+        self.child.wait().expect("reap tidevm")
+    }
+
     /// tidevm's resident set size in bytes.
     pub fn rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

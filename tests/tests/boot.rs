@@ -136,6 +136,49 @@ results_end
 }
 
 #[test]
+fn flushed_disk_writes_survive_sigkill() {
+    require_e2e();
+    const MIB_WRITTEN: u64 = 256;
+    let work = work_dir("virtio-blk-sigkill");
+    let disk = work.join("raw.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len((MIB_WRITTEN + 16) * MIB))
+        .unwrap();
+    // Random data, written raw with an fsync at the end (a FLUSH request),
+    // and its checksum; then the guest idles and is never shut down.
+    let scenario = format!(
+        r#"
+mkdir -p /dev/shm && mount -t tmpfs -o size=512M tmpfs /dev/shm
+dd if=/dev/urandom of=/dev/shm/data bs=1M count={MIB_WRITTEN} 2>/dev/null
+dd if=/dev/shm/data of=/dev/vda bs=1M conv=fsync 2>/dev/null
+kv WRITTEN "$(md5sum < /dev/shm/data | cut -d' ' -f1)"
+sleep 3600
+"#
+    );
+    let initrd = initramfs(&work, &scenario);
+    let disk_arg = format!("path={}", disk.display());
+    let extra = ["--memory", "1G", "--disk", disk_arg.as_str()];
+    let mut vm = Vm::start(&guest_args("vmlinux", &initrd, &extra), None);
+    let sum = vm.value_from(0, "WRITTEN", BOOT_TIMEOUT).1;
+    let status = vm.kill();
+    assert_eq!(status.code(), None, "tidevm died of the signal");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} {} | md5sum | cut -d' ' -f1",
+            MIB_WRITTEN * MIB,
+            disk.display()
+        ))
+        .output()
+        .expect("checksum the image");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sum,
+        "what the guest wrote and flushed is in the image"
+    );
+}
+
+#[test]
 fn a_guest_kernel_panic_exits_non_zero_with_a_clear_message() {
     require_e2e();
     let work = work_dir("panic");
