@@ -14,10 +14,14 @@
 //!
 //! # HTTP conventions
 //!
-//! * Requests are served one at a time, in arrival order.
+//! * Requests reach the VMM one at a time. Request bodies are read on their own threads under
+//!   a deadline (408 after [`DEFAULT_BODY_TIMEOUT`]), at most [`DEFAULT_MAX_BODY_READERS`] at
+//!   once (503 beyond), so a slow client delays no other request.
+//! * Chunked request bodies get 411: send `Content-Length`.
 //! * Unknown path: 404. Known path, wrong method: 405 with an `Allow` header.
 //! * Request bodies are JSON; malformed JSON, unknown fields, missing fields, wrong types,
-//!   negative numbers and trailing data give 400. Bodies larger than [`MAX_BODY_SIZE`] give 413.
+//!   negative numbers and trailing data give 400. A `Content-Length` over [`MAX_BODY_SIZE`] gives
+//!   413 before any of the body is read.
 //! * Endpoints that take no body (all `GET`s and `PUT /vm/power-off`) reject a non-empty body
 //!   (anything other than whitespace) with 400, so that a client that believes it is sending
 //!   parameters learns they are not used.
@@ -29,13 +33,15 @@
 
 #![warn(missing_docs)]
 
+mod body;
 pub mod client;
 mod server;
 pub mod types;
 
 pub use server::{
-    ApiError, ApiRequest, ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerHandle,
-    DEFAULT_RESPONSE_TIMEOUT, MAX_BODY_SIZE,
+    ApiError, ApiRequest, ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerConfig,
+    ApiServerHandle, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_READERS, DEFAULT_RESPONSE_TIMEOUT,
+    MAX_BODY_SIZE,
 };
 pub use types::{
     BalloonInfo, BalloonStatistics, BalloonUpdate, ErrorBody, MemoryInfo, MemoryResizeRequest,

@@ -1,13 +1,14 @@
 //! The HTTP server thread and the messages it exchanges with the VMM.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,10 +18,42 @@ use serde::Serialize;
 use tiny_http::{Header, Request, Response, Server};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::body::BodyReaders;
 use crate::types::{BalloonUpdate, ErrorBody, MemoryResizeRequest};
 
-/// Largest accepted request body, in bytes. Larger bodies get 413.
+/// Largest accepted request body, in bytes. A request announcing a longer `Content-Length`
+/// gets 413 before any of its body is read.
 pub const MAX_BODY_SIZE: usize = 64 * 1024;
+
+/// How long a client has, from the moment its request head has been parsed, to send the whole
+/// body before it gets 408 ([`ApiServerConfig::body_timeout`]).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many requests with a body may be in progress at once, counting those whose body is
+/// still arriving and refused ones whose unread body tiny_http is draining
+/// ([`ApiServerConfig::max_body_readers`]). Beyond it a request with a body gets 503.
+pub const DEFAULT_MAX_BODY_READERS: usize = 8;
+
+/// Settings of the API server; [`ApiServerConfig::default`] is what [`ApiServer::start`] uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiServerConfig {
+    /// How long to wait for the VMM to answer a request before replying 504.
+    pub response_timeout: Duration,
+    /// How long a request body may take to arrive before the client gets 408.
+    pub body_timeout: Duration,
+    /// How many requests with a body may be in progress at once (each on its own thread).
+    pub max_body_readers: usize,
+}
+
+impl Default for ApiServerConfig {
+    fn default() -> Self {
+        ApiServerConfig {
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_body_readers: DEFAULT_MAX_BODY_READERS,
+        }
+    }
+}
 
 /// How long [`ApiServer::start`] waits for the VMM to answer a request before replying 504.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -197,10 +230,14 @@ impl ApiServer {
     /// process accepts connections on it, this fails with [`ApiError::SocketInUse`]; and not a
     /// file that is not a socket). The socket is made accessible to its owner only (mode 0600).
     ///
-    /// The server thread, named `tidevm-api`, serves requests one at a time: it parses each
-    /// into an [`ApiRequest`], sends an [`ApiRequestEnvelope`] on `to_vmm`, writes 1 to `kick`
-    /// so the VMM event loop wakes up (the VMM should then drain `to_vmm` with `try_recv`), and
-    /// waits for the [`ApiResponse`].
+    /// The server thread, named `tidevm-api`, parses each request into an [`ApiRequest`],
+    /// sends an [`ApiRequestEnvelope`] on `to_vmm`, writes 1 to `kick` so the VMM event loop
+    /// wakes up (the VMM should then drain `to_vmm` with `try_recv`), and waits for the
+    /// [`ApiResponse`]. It never reads a request body: a body announced over [`MAX_BODY_SIZE`]
+    /// gets 413 unread, and any other is read by a `tidevm-api-body` thread (at most
+    /// [`DEFAULT_MAX_BODY_READERS`] at once, else 503) that answers 408 when the body is not
+    /// complete within [`DEFAULT_BODY_TIMEOUT`] and otherwise dispatches the request the same
+    /// way. The VMM still receives the requests one at a time, on `to_vmm`.
     pub fn start(
         socket_path: &Path,
         to_vmm: Sender<ApiRequestEnvelope>,
@@ -217,6 +254,20 @@ impl ApiServer {
         kick: EventFd,
         response_timeout: Duration,
     ) -> Result<ApiServerHandle, ApiError> {
+        let config = ApiServerConfig {
+            response_timeout,
+            ..ApiServerConfig::default()
+        };
+        Self::start_with_config(socket_path, to_vmm, kick, config)
+    }
+
+    /// Like [`ApiServer::start`], with the given settings.
+    pub fn start_with_config(
+        socket_path: &Path,
+        to_vmm: Sender<ApiRequestEnvelope>,
+        kick: EventFd,
+        config: ApiServerConfig,
+    ) -> Result<ApiServerHandle, ApiError> {
         remove_stale_socket(socket_path)?;
         let server = Server::http_unix(socket_path).map_err(|e| ApiError::Bind {
             path: socket_path.to_path_buf(),
@@ -230,12 +281,20 @@ impl ApiServer {
             }
         })?;
         let shutdown = Arc::new(AtomicBool::new(false));
-        let worker = Worker {
-            server: Arc::clone(&server),
-            to_vmm,
+        let dispatcher = Arc::new(Dispatcher {
+            to_vmm: Mutex::new(Some(to_vmm)),
             kick,
             shutdown: Arc::clone(&shutdown),
-            response_timeout,
+            response_timeout: config.response_timeout,
+        });
+        let readers = BodyReaders::new(config.max_body_readers, config.body_timeout)
+            .map_err(ApiError::SpawnThread)?;
+        let body_readers = readers.active();
+        let worker = Worker {
+            server: Arc::clone(&server),
+            dispatcher: Arc::clone(&dispatcher),
+            readers,
+            shutdown: Arc::clone(&shutdown),
         };
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.to_string())
@@ -246,6 +305,8 @@ impl ApiServer {
             server: Some(server),
             thread: Some(thread),
             shutdown,
+            dispatcher,
+            body_readers,
             socket_path: socket_path.to_path_buf(),
         })
     }
@@ -257,6 +318,8 @@ pub struct ApiServerHandle {
     server: Option<Arc<Server>>,
     thread: Option<JoinHandle<()>>,
     shutdown: Arc<AtomicBool>,
+    dispatcher: Arc<Dispatcher>,
+    body_readers: Arc<AtomicUsize>,
     socket_path: PathBuf,
 }
 
@@ -275,6 +338,13 @@ impl ApiServerHandle {
         &self.socket_path
     }
 
+    /// The number of body reader threads alive: requests whose body is being read or whose
+    /// answer is being written, and refused requests whose unread body tiny_http is draining.
+    /// Never more than [`ApiServerConfig::max_body_readers`].
+    pub fn body_readers(&self) -> usize {
+        self.body_readers.load(Ordering::SeqCst)
+    }
+
     /// Stops the server thread, waits for it to exit, and removes the socket file.
     ///
     /// A request waiting for the VMM gets 503. Takes at most about 100 ms after the request
@@ -288,6 +358,9 @@ impl ApiServerHandle {
             return;
         };
         self.shutdown.store(true, Ordering::SeqCst);
+        // Body readers blocked on a client outlive the server; they must not keep the VMM
+        // channel open.
+        self.dispatcher.close();
         server.unblock();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
@@ -336,7 +409,7 @@ fn remove_stale_socket(path: &Path) -> Result<(), ApiError> {
 }
 
 /// What the server thread writes back to the client.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Reply {
     pub(crate) status: u16,
     /// JSON body; `None` for an empty body.
@@ -346,7 +419,7 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    fn error(status: u16, message: impl Into<String>) -> Self {
+    pub(crate) fn error(status: u16, message: impl Into<String>) -> Self {
         let body = ErrorBody {
             error: message.into(),
         };
@@ -480,53 +553,26 @@ fn parse_body<T: DeserializeOwned>(method: &str, path: &str, body: &[u8]) -> Res
     })
 }
 
-struct Worker {
-    server: Arc<Server>,
-    to_vmm: Sender<ApiRequestEnvelope>,
+/// Sends parsed requests to the VMM and waits for its answers. Shared by the serving thread
+/// and the body readers; [`ApiServerHandle::stop`] takes the sender away, so that a reader
+/// still blocked on a client keeps no VMM channel open.
+pub(crate) struct Dispatcher {
+    to_vmm: Mutex<Option<Sender<ApiRequestEnvelope>>>,
     kick: EventFd,
     shutdown: Arc<AtomicBool>,
     response_timeout: Duration,
 }
 
-impl Worker {
-    fn run(self) {
-        loop {
-            let request = self.server.recv();
-            if self.shutdown.load(Ordering::SeqCst) {
-                if let Ok(request) = request {
-                    respond(request, Reply::error(503, "API server is shutting down"));
-                }
-                break;
-            }
-            match request {
-                Ok(request) => self.handle(request),
-                Err(e) => {
-                    warn!("API server: error receiving a request: {e}");
-                    // Do not spin if the error repeats.
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-        debug!("API server thread exiting");
-    }
-
-    fn handle(&self, mut request: Request) {
-        let method = request.method().as_str().to_string();
-        let url = request.url().to_string();
-        let reply = match read_body(&mut request) {
-            Err(reply) => reply,
-            Ok(body) => match parse_request(&method, &url, &body) {
-                Err(reply) => reply,
-                Ok(api_request) => self.dispatch(api_request),
-            },
-        };
-        debug!("API {method} {url} -> {}", reply.status);
-        respond(request, reply);
-    }
-
-    fn dispatch(&self, request: ApiRequest) -> Reply {
+impl Dispatcher {
+    /// Sends `request` to the VMM and waits for its answer (504 after the response timeout,
+    /// 503 when shutting down or when the VMM is gone).
+    pub(crate) fn dispatch(&self, request: ApiRequest) -> Reply {
         let (envelope, response_rx) = ApiRequestEnvelope::new(request);
-        if self.to_vmm.send(envelope).is_err() {
+        let sent = match self.to_vmm.lock() {
+            Ok(to_vmm) => to_vmm.as_ref().is_some_and(|tx| tx.send(envelope).is_ok()),
+            Err(_) => false,
+        };
+        if !sent {
             return Reply::error(503, "the VMM is not accepting requests");
         }
         if let Err(e) = self.kick.write(1) {
@@ -557,35 +603,100 @@ impl Worker {
             }
         }
     }
+
+    /// Drops the VMM sender: later dispatches get 503.
+    fn close(&self) {
+        if let Ok(mut to_vmm) = self.to_vmm.lock() {
+            to_vmm.take();
+        }
+    }
 }
 
-/// Reads the request body, or returns the error reply (413 when too large).
-fn read_body(request: &mut Request) -> Result<Vec<u8>, Reply> {
-    let too_large = || {
-        Reply::error(
-            413,
-            format!("request body too large (limit {MAX_BODY_SIZE} bytes)"),
-        )
-    };
-    if request.body_length().is_some_and(|len| len > MAX_BODY_SIZE) {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    let limit = u64::try_from(MAX_BODY_SIZE)
-        .unwrap_or(u64::MAX)
-        .saturating_add(1);
-    request
-        .as_reader()
-        .take(limit)
-        .read_to_end(&mut body)
-        .map_err(|e| Reply::error(400, format!("cannot read request body: {e}")))?;
-    if body.len() > MAX_BODY_SIZE {
-        return Err(too_large());
-    }
-    Ok(body)
+struct Worker {
+    server: Arc<Server>,
+    dispatcher: Arc<Dispatcher>,
+    readers: BodyReaders,
+    shutdown: Arc<AtomicBool>,
 }
 
-fn respond(request: Request, reply: Reply) {
+impl Worker {
+    fn run(self) {
+        while !self.shutdown.load(Ordering::SeqCst) {
+            match self.server.recv_timeout(SHUTDOWN_POLL) {
+                Ok(Some(request)) => self.handle(request),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!("API server: error receiving a request: {e}");
+                    // Do not spin if the error repeats.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        // Requests already parsed but not served yet.
+        while let Ok(Some(request)) = self.server.try_recv() {
+            self.refuse(request, Reply::error(503, "API server is shutting down"));
+        }
+        debug!("API server thread exiting");
+    }
+
+    /// Serves a request without a body here; hands a request with one to a body reader.
+    fn handle(&self, request: Request) {
+        let method = request.method().as_str().to_string();
+        let url = request.url().to_string();
+        let chunked = request
+            .headers()
+            .iter()
+            .any(|h| h.field.equiv("Transfer-Encoding"));
+        let reply = if chunked {
+            // tiny_http hands a chunked body to whoever reads it, without a length to check
+            // first; the API's clients all send Content-Length.
+            Reply::error(
+                411,
+                "chunked request bodies are not supported: send Content-Length",
+            )
+        } else {
+            match request.body_length() {
+                None | Some(0) => match parse_request(&method, &url, &[]) {
+                    Err(reply) => reply,
+                    Ok(api_request) => self.dispatcher.dispatch(api_request),
+                },
+                Some(length) if length > MAX_BODY_SIZE => {
+                    // Refused on the announced length; tiny_http drains what the client sends
+                    // anyway when the request is dropped, which a reader does.
+                    let reply = Reply::error(
+                        413,
+                        format!(
+                            "request body of {length} bytes is too large (limit {MAX_BODY_SIZE} bytes)"
+                        ),
+                    );
+                    debug!("API {method} {url} -> 413");
+                    self.refuse(request, reply);
+                    return;
+                }
+                Some(length) => {
+                    match self
+                        .readers
+                        .spawn(request, length, Arc::clone(&self.dispatcher))
+                    {
+                        None => {}
+                        Some(request) => self.refuse(request, self.readers.busy_reply()),
+                    }
+                    return;
+                }
+            }
+        };
+        debug!("API {method} {url} -> {}", reply.status);
+        respond(request, reply);
+    }
+
+    /// Answers `request` with `reply` off this thread: dropping a request whose body was not
+    /// read makes tiny_http read (and discard) the rest of the body, which may never come.
+    fn refuse(&self, request: Request, reply: Reply) {
+        self.readers.refuse(request, reply);
+    }
+}
+
+pub(crate) fn respond(request: Request, reply: Reply) {
     let status = reply.status;
     let result = match reply.body {
         None => request.respond(Response::empty(status)),
