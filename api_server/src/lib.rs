@@ -39,9 +39,9 @@ mod server;
 pub mod types;
 
 pub use server::{
-    ApiError, ApiRequest, ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerConfig,
-    ApiServerHandle, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_READERS, DEFAULT_RESPONSE_TIMEOUT,
-    MAX_BODY_SIZE,
+    parse_request, ApiError, ApiRequest, ApiRequestEnvelope, ApiResponse, ApiServer,
+    ApiServerConfig, ApiServerHandle, Reply, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_READERS,
+    DEFAULT_RESPONSE_TIMEOUT, MAX_BODY_SIZE,
 };
 pub use types::{
     BalloonInfo, BalloonStatistics, BalloonUpdate, ErrorBody, MemoryInfo, MemoryResizeRequest,

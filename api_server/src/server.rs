@@ -410,12 +410,13 @@ fn remove_stale_socket(path: &Path) -> Result<(), ApiError> {
 
 /// What the server thread writes back to the client.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Reply {
-    pub(crate) status: u16,
+pub struct Reply {
+    /// HTTP status code.
+    pub status: u16,
     /// JSON body; `None` for an empty body.
-    pub(crate) body: Option<String>,
+    pub body: Option<String>,
     /// Value of the `Allow` header, for 405.
-    pub(crate) allow: Option<&'static str>,
+    pub allow: Option<&'static str>,
 }
 
 impl Reply {
@@ -484,7 +485,9 @@ const ROUTES: &[Route] = &[
 
 /// Parses an HTTP request (already read, body at most [`MAX_BODY_SIZE`]) into an
 /// [`ApiRequest`], or the error reply to send.
-pub(crate) fn parse_request(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, Reply> {
+///
+/// Pure: the server thread calls it for every request, and fuzz targets call it directly.
+pub fn parse_request(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, Reply> {
     let (path, query) = match url.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (url, None),

@@ -425,8 +425,12 @@ impl Balloon {
         }
     }
 
-    /// Processes every available buffer of queue `index`.
-    pub(super) fn process_queue(&mut self, index: usize) {
+    /// Processes every available buffer of queue `index` (no-op before
+    /// activation or for a queue the negotiated features do not use).
+    ///
+    /// The event loop calls it on a queue notification; it is public so
+    /// that fuzz targets can drive the queues without an event loop.
+    pub fn process_queue(&mut self, index: usize) {
         let Some(active) = self.active.as_mut() else {
             return;
         };

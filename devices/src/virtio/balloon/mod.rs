@@ -18,7 +18,7 @@
 
 mod device;
 mod event_handler;
-mod page_set;
+pub mod page_set;
 pub mod request;
 pub mod stats;
 

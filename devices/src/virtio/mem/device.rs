@@ -521,7 +521,10 @@ impl VirtioMem {
 
     /// Answers every available request chain; raises the queue interrupt
     /// if anything was returned. No-op before activation.
-    pub(crate) fn process_queue(&mut self) {
+    ///
+    /// The event loop calls it on a queue notification; it is public so
+    /// that fuzz targets can drive the queue without an event loop.
+    pub fn process_queue(&mut self) {
         // Taken out so that requests can borrow the rest of the device.
         let Some(mut active) = self.active.take() else {
             return;
