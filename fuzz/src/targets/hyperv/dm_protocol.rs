@@ -56,7 +56,14 @@ impl Vmm {
                     assert!(!hot.overlaps(r), "{r:?} already hot-added");
                     self.pending_map = Some(r);
                 }
-                DmAction::ReleaseHotAdd { .. } => {}
+                DmAction::ReleaseHotAdd { pfn, count } => {
+                    // E.g. a new driver's VERSION_REQUEST resets the
+                    // protocol while the VMM is mapping: the mapping is
+                    // no longer wanted.
+                    if self.pending_map == Some(PageRange::new(*pfn, *count)) {
+                        self.pending_map = None;
+                    }
+                }
             }
         }
         for m in &out.messages {

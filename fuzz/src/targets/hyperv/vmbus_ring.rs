@@ -25,10 +25,18 @@ const INTERRUPT_MASK: usize = 8;
 
 /// Panics if the reader changed bytes other than `allowed` fields.
 fn check_writes(before: &[u8], after: &[u8], allowed: &[usize]) {
-    for (i, (x, y)) in before.iter().zip(after).enumerate() {
-        if x != y {
+    const CHUNK: usize = 256;
+    if before == after {
+        return;
+    }
+    for (c, (bc, ac)) in before.chunks(CHUNK).zip(after.chunks(CHUNK)).enumerate() {
+        if bc == ac {
+            continue;
+        }
+        for (j, (x, y)) in bc.iter().zip(ac).enumerate() {
+            let i = c * CHUNK + j;
             assert!(
-                allowed.iter().any(|&f| (f..f + 4).contains(&i)),
+                x == y || allowed.iter().any(|&f| (f..f + 4).contains(&i)),
                 "ring reader wrote byte {i:#x}"
             );
         }
@@ -69,12 +77,17 @@ pub fn run(data: &[u8]) {
             }
             1 => {
                 let _ = ring.commit_read(&memory);
-                check_writes(&before, &memory.to_bytes(), &[READ_INDEX]);
-                let ri = memory.read_u32(READ_INDEX as u64).expect("read index");
-                assert!(
-                    ri.is_multiple_of(8) && ri < data_size,
-                    "published read index {ri:#x}"
-                );
+                let after = memory.to_bytes();
+                check_writes(&before, &after, &[READ_INDEX]);
+                // What the guest scribbled there is its business; what the
+                // host publishes must be a valid index.
+                if before[READ_INDEX..READ_INDEX + 4] != after[READ_INDEX..READ_INDEX + 4] {
+                    let ri = memory.read_u32(READ_INDEX as u64).expect("read index");
+                    assert!(
+                        ri.is_multiple_of(8) && ri < data_size,
+                        "published read index {ri:#x}"
+                    );
+                }
             }
             2 => {
                 let _ = ring.set_interrupt_mask(&memory, b.bool());
