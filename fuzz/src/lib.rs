@@ -41,8 +41,7 @@ macro_rules! target {
 
 /// Every target this build has.
 pub fn all_targets() -> Vec<Target> {
-    #[allow(unused_mut)]
-    let mut all = vec![
+    vec![
         target!(virtio_mem_request),
         target!(virtio_mem_queue),
         target!(balloon_pfns),
@@ -54,9 +53,6 @@ pub fn all_targets() -> Vec<Target> {
         target!(api_request),
         target!(api_http),
         target!(cli_options),
-    ];
-    #[cfg(feature = "hyperv")]
-    all.extend([
         target!(hyperv::vmbus_message),
         target!(hyperv::vmbus_post_message),
         target!(hyperv::vmbus_gpadl),
@@ -64,8 +60,7 @@ pub fn all_targets() -> Vec<Target> {
         target!(hyperv::vmbus_server),
         target!(hyperv::dm_message),
         target!(hyperv::dm_protocol),
-    ]);
-    all
+    ]
 }
 
 #[cfg(test)]

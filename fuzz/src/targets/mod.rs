@@ -14,5 +14,4 @@ pub mod virtio_mem_queue;
 pub mod virtio_mem_request;
 pub mod virtio_mmio;
 
-#[cfg(feature = "hyperv")]
 pub mod hyperv;
