@@ -10,6 +10,7 @@
 //!   VMM's [`ApiResponse`] and writes it back to the client.
 //! * [`types`] holds the request and response bodies: they are the API contract, described by
 //!   `resources/openapi.yaml`.
+//! * [`ch`] holds the Cloud Hypervisor API v1 subset served below `/api/v1/` (see its docs).
 //! * [`client`] is a tiny blocking HTTP client over a Unix socket, for tests and scripts.
 //!
 //! # HTTP conventions
@@ -34,6 +35,7 @@
 #![warn(missing_docs)]
 
 mod body;
+pub mod ch;
 pub mod client;
 mod server;
 pub mod types;

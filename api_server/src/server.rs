@@ -19,6 +19,7 @@ use tiny_http::{Header, Request, Response, Server};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::body::BodyReaders;
+use crate::ch::{parse_ch_request, ChRequest, CH_PREFIX};
 use crate::types::{BalloonUpdate, ErrorBody, MemoryResizeRequest};
 
 /// Largest accepted request body, in bytes. A request announcing a longer `Content-Length`
@@ -81,6 +82,8 @@ pub enum ApiRequest {
     PutBalloon(BalloonUpdate),
     /// `GET /vm/balloon/statistics`.
     GetBalloonStatistics,
+    /// A Cloud Hypervisor API request (below `/api/v1/`).
+    Ch(ChRequest),
 }
 
 impl ApiRequest {
@@ -94,6 +97,7 @@ impl ApiRequest {
             ApiRequest::GetBalloon => ("GET", "/vm/balloon"),
             ApiRequest::PutBalloon(_) => ("PUT", "/vm/balloon"),
             ApiRequest::GetBalloonStatistics => ("GET", "/vm/balloon/statistics"),
+            ApiRequest::Ch(request) => request.route(),
         }
     }
 }
@@ -492,6 +496,9 @@ pub fn parse_request(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest,
         Some((path, query)) => (path, Some(query)),
         None => (url, None),
     };
+    if let Some(endpoint) = path.strip_prefix(CH_PREFIX) {
+        return parse_ch_request(method, endpoint, body).map(ApiRequest::Ch);
+    }
     let Some(route) = ROUTES.iter().find(|r| r.path == path) else {
         return Err(Reply::error(404, format!("no such endpoint: {path}")));
     };
@@ -534,7 +541,11 @@ pub fn parse_request(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest,
     Ok(request)
 }
 
-fn parse_body<T: DeserializeOwned>(method: &str, path: &str, body: &[u8]) -> Result<T, Reply> {
+pub(crate) fn parse_body<T: DeserializeOwned>(
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<T, Reply> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(Reply::error(
             400,

@@ -76,6 +76,7 @@ fn fake_vmm_answer(request: &ApiRequest) -> ApiResponse {
         ApiRequest::GetBalloonStatistics => {
             ApiResponse::error(409, "balloon statistics are disabled")
         }
+        ApiRequest::Ch(_) => ApiResponse::no_content(),
     }
 }
 
