@@ -26,6 +26,7 @@ impl Vmm {
             ApiRequest::GetBalloon => self.balloon_info(),
             ApiRequest::PutBalloon(update) => self.set_balloon(update.size),
             ApiRequest::GetBalloonStatistics => self.balloon_statistics(),
+            ApiRequest::Ch(request) => self.handle_ch_request(request),
         }
     }
 
@@ -189,7 +190,7 @@ impl Vmm {
         })
     }
 
-    fn resize_memory(&mut self, requested: u64) -> ApiResponse {
+    pub(crate) fn resize_memory(&mut self, requested: u64) -> ApiResponse {
         if let Some(response) = self.resize_dm(requested) {
             return response;
         }
@@ -239,7 +240,7 @@ impl Vmm {
         })
     }
 
-    fn set_balloon(&mut self, size: u64) -> ApiResponse {
+    pub(crate) fn set_balloon(&mut self, size: u64) -> ApiResponse {
         let Some(balloon) = &self.memory_devices.balloon else {
             return Self::no_balloon();
         };

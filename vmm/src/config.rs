@@ -316,11 +316,15 @@ pub enum Command {
     Version,
     /// Boot a VM.
     Run(Box<VmConfig>),
+    /// Start without a VM and serve the API on this socket (`--api-socket`
+    /// alone): the VM comes from the Cloud Hypervisor API's `vm.create`.
+    Serve(PathBuf),
 }
 
 /// The `--help` text.
 pub const USAGE: &str = "\
-usage: tidevm --kernel PATH [--initrd PATH] [--cmdline \"ARGS\"]
+usage: tidevm --api-socket PATH    (no VM: create and boot one over the API)
+       tidevm --kernel PATH [--initrd PATH] [--cmdline \"ARGS\"]
               [--cpus boot=N] [--memory size=SIZE[,hotplug_size=SIZE][,...]]
               [--disk path=FILE[,readonly=on]]... [--serial tty|file=PATH|off]
               [--balloon size=SIZE[,deflate_on_oom=on][,free_page_reporting=on][,stats_period=S]]
@@ -344,7 +348,8 @@ usage: tidevm --kernel PATH [--initrd PATH] [--cmdline \"ARGS\"]
                      host clients connect to PATH and send \"CONNECT <port>\\n\"; guest
                      connections to host port P reach a listener at PATH_P
   --rng ...          src=PATH a virtio-rng device fed from PATH (default /dev/urandom)
-  --api-socket PATH  serve the REST API on this Unix socket
+  --api-socket PATH  serve the REST API on this Unix socket (tidevm's own and the
+                     Cloud Hypervisor API v1 under /api/v1/); alone, start with no VM
   --on-reboot ACTION exit (default: a guest reboot ends tidevm with status 0) or
                      restart (boot the guest again in a fresh VM)
   --help, --version
@@ -395,9 +400,14 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
             return Err(ConfigError::Repeated(flag));
         }
     }
-    let kernel = single
-        .remove("--kernel")
-        .ok_or(ConfigError::Required("--kernel"))?;
+    let Some(kernel) = single.remove("--kernel") else {
+        return match single.remove("--api-socket") {
+            Some(socket) if single.is_empty() && disks.is_empty() => {
+                Ok(Command::Serve(PathBuf::from(socket)))
+            }
+            _ => Err(ConfigError::Required("--kernel")),
+        };
+    };
     let config = VmConfig {
         kernel: readable_file("--kernel", &kernel)?,
         initrd: single
@@ -444,7 +454,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
     Ok(Command::Run(Box::new(config)))
 }
 
-fn readable_file(flag: &'static str, path: &str) -> Result<PathBuf> {
+pub(crate) fn readable_file(flag: &'static str, path: &str) -> Result<PathBuf> {
     let err = |reason: String| ConfigError::File {
         flag,
         path: path.to_string(),
@@ -470,7 +480,7 @@ fn parse_cpus(input: &str) -> Result<CpusConfig> {
     })
 }
 
-fn parse_memory(input: &str) -> Result<MemoryConfig> {
+pub(crate) fn parse_memory(input: &str) -> Result<MemoryConfig> {
     const KEYS: &[&str] = &[
         "size",
         "hotplug_size",
@@ -719,6 +729,14 @@ mod tests {
         let k = exe.to_str().unwrap();
         let err = |a: &[&str]| run(a).unwrap_err().to_string();
         assert_eq!(err(&[]), "--kernel is required");
+        assert!(matches!(
+            parse_args(args(&["--api-socket", "/run/a.sock"])),
+            Ok(Command::Serve(p)) if p == std::path::Path::new("/run/a.sock")
+        ));
+        assert_eq!(
+            err(&["--api-socket", "/run/a.sock", "--cpus", "2"]),
+            "--kernel is required"
+        );
         assert!(err(&["--kernel", "/nonexistent"]).contains("cannot open '/nonexistent'"));
         assert!(
             err(&["--kernel", k, "--memory", "lots"]).contains("invalid value 'lots' for 'size'")

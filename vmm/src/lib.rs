@@ -7,6 +7,8 @@
 //! [`memory::hotplug`] → `GET /vm/memory` reports.
 
 pub mod api;
+pub mod ch_api;
+pub mod ch_config;
 pub mod config;
 pub mod device_manager;
 pub mod hyperv;
@@ -17,10 +19,11 @@ pub mod vcpu;
 pub mod vmm;
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
-use api_server::{ApiServer, ApiServerHandle};
+use api_server::{ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerHandle};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::Kvm;
@@ -28,6 +31,7 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use ch_api::{IdleOutcome, IdleVmm};
 use config::VmConfig;
 use device_manager::{DeviceManager, Subscriber};
 use devices::hyperv::device::{DynamicMemoryConfig, DynamicMemoryDevice, GuestMessageQueue};
@@ -40,7 +44,7 @@ use memory::MemoryManager;
 use resize::MemoryDevices;
 use vcpu::{Vcpu, VcpuThread};
 pub use vmm::ExitReason;
-use vmm::{ApiChannel, SharedApiChannel, Vmm};
+use vmm::{ApiChannel, SharedApiChannel, Vmm, VmmAction};
 
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -83,26 +87,107 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
 /// API socket is served throughout. All threads are joined on return.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     vcpu::install_kick_handler()?;
-    let (api_handle, api_channel) = start_api(&config)?;
-    let result = loop {
-        match run_vm(&config, api_channel.clone()) {
-            Ok(ExitReason::Reset) if config.on_reboot == config::RebootAction::Restart => {
-                log::info!("guest rebooted: starting it again");
-            }
-            other => break other,
-        }
+    let socket = config.api_socket.clone();
+    let (api_handle, api_channel) = start_api(socket.as_deref())?;
+    let idle = IdleVmm {
+        vm: Some((config, serde_json::Value::Null)),
+        shut_down: false,
     };
+    let result = serve(idle, true, api_channel, socket.as_deref());
     if let Some(handle) = api_handle {
         handle.stop();
     }
     result
 }
 
+/// Starts without a VM and serves the API on `api_socket`: a VM is created
+/// and booted with the Cloud Hypervisor API (`vm.create`, `vm.boot`), and
+/// `vmm.shutdown` (or the guest powering off) ends the run.
+pub fn run_api_only(api_socket: &Path) -> Result<ExitReason, VmmError> {
+    vcpu::install_kick_handler()?;
+    let (api_handle, api_channel) = start_api(Some(api_socket))?;
+    let result = serve(IdleVmm::default(), false, api_channel, Some(api_socket));
+    if let Some(handle) = api_handle {
+        handle.stop();
+    }
+    result
+}
+
+/// The VMM loop: runs the created VM when asked (at once with `boot_now`),
+/// and between VMs answers API requests on this thread.
+fn serve(
+    mut idle: IdleVmm,
+    mut boot_now: bool,
+    api: Option<SharedApiChannel>,
+    api_socket: Option<&Path>,
+) -> Result<ExitReason, VmmError> {
+    let mut boot_reply: Option<ApiRequestEnvelope> = None;
+    loop {
+        if boot_now {
+            boot_now = false;
+            let Some((config, echo)) = idle.vm.clone() else {
+                return Err(VmmError::Boot("no VM to boot".into()));
+            };
+            let ch_config = (!echo.is_null()).then_some(echo);
+            match run_vm(&config, api.clone(), ch_config, &mut boot_reply) {
+                Err(e) => match boot_reply.take() {
+                    // The VM could not be built: the client hears why and
+                    // tidevm keeps waiting.
+                    Some(reply) => {
+                        log::error!("vm.boot failed: {e}");
+                        reply.respond(ApiResponse::error(500, format!("cannot boot the VM: {e}")));
+                    }
+                    None => return Err(e),
+                },
+                Ok((reason, action)) => match action {
+                    Some(VmmAction::ShutdownVmm) => return Ok(ExitReason::PowerOff),
+                    Some(VmmAction::Reboot) => boot_now = true,
+                    Some(VmmAction::ShutdownVm) => idle.shut_down = true,
+                    Some(VmmAction::Delete) => idle.vm = None,
+                    None if reason == ExitReason::Reset
+                        && config.on_reboot == config::RebootAction::Restart =>
+                    {
+                        log::info!("guest rebooted: starting it again");
+                        boot_now = true;
+                    }
+                    None => return Ok(reason),
+                },
+            }
+            continue;
+        }
+        let Some(api) = &api else {
+            return Ok(ExitReason::PowerOff);
+        };
+        let Ok(envelope) = api.lock().expect("api channel").requests.recv() else {
+            return Ok(ExitReason::PowerOff);
+        };
+        let (method, path) = envelope.request.route();
+        let (response, outcome) = idle.handle(&envelope.request, api_socket);
+        if let Some(response) = response {
+            log::info!("API {method} {path} -> {}", response.status());
+            envelope.respond(response);
+        } else {
+            boot_reply = Some(envelope);
+        }
+        match outcome {
+            IdleOutcome::Wait => {}
+            IdleOutcome::Boot => boot_now = true,
+            IdleOutcome::Exit => return Ok(ExitReason::PowerOff),
+        }
+    }
+}
+
 /// Builds one VM, runs it until it stops, and tears it down.
+///
+/// `boot_reply`, a pending `vm.boot`, is answered once the vCPUs run; on an
+/// error before that it is left for the caller to answer. Returns how the
+/// VM stopped and what the API asked to happen next.
 fn run_vm(
     config: &VmConfig,
     api_channel: Option<SharedApiChannel>,
-) -> Result<ExitReason, VmmError> {
+    ch_config: Option<serde_json::Value>,
+    boot_reply: &mut Option<ApiRequestEnvelope>,
+) -> Result<(ExitReason, Option<VmmAction>), VmmError> {
     let kvm = Kvm::new().map_err(kvm_err("cannot open /dev/kvm"))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create a VM"))?);
     vm.set_tss_address(KVM_TSS_ADDRESS)
@@ -267,6 +352,7 @@ fn run_vm(
         dm.platform,
         api_channel,
     )));
+    vmm.lock().expect("vmm").set_ch_config(ch_config);
     em.add_subscriber(vmm.clone());
     let mut threads = Vec::new();
     for vcpu in vcpus {
@@ -277,6 +363,10 @@ fn run_vm(
         )?);
     }
     log::info!("guest started with {ncpus} vCPUs");
+    if let Some(reply) = boot_reply.take() {
+        log::info!("API PUT /api/v1/vm.boot -> 204");
+        reply.respond(ApiResponse::no_content());
+    }
 
     let reason = loop {
         em.run_with_timeout(500)
@@ -288,7 +378,8 @@ fn run_vm(
     for thread in &mut threads {
         thread.stop_and_join();
     }
-    Ok(reason)
+    let action = vmm.lock().expect("vmm").action();
+    Ok((reason, action))
 }
 
 /// Creates the virtio-mem device (over the hotplug region, unless the
@@ -395,9 +486,9 @@ fn build_cmdline(config: &VmConfig) -> Result<Cmdline, linux_loader::cmdline::Er
 }
 
 fn start_api(
-    config: &VmConfig,
+    socket: Option<&Path>,
 ) -> Result<(Option<ApiServerHandle>, Option<SharedApiChannel>), VmmError> {
-    let Some(path) = &config.api_socket else {
+    let Some(path) = socket else {
         return Ok((None, None));
     };
     let (tx, rx) = channel();

@@ -19,12 +19,17 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Command::Run(config)) => config,
+        Ok(Command::Serve(socket)) => return exit_code(vmm::run_api_only(&socket)),
         Err(e) => {
             eprintln!("tidevm: {e}");
             return ExitCode::from(2);
         }
     };
-    match vmm::run(*config) {
+    exit_code(vmm::run(*config))
+}
+
+fn exit_code(result: Result<ExitReason, vmm::VmmError>) -> ExitCode {
+    match result {
         Ok(ExitReason::PowerOff) | Ok(ExitReason::Reset) => ExitCode::SUCCESS,
         Ok(ExitReason::Crashed(why)) => {
             eprintln!("tidevm: guest crashed: {why}");

@@ -46,6 +46,19 @@ pub struct ApiChannel {
 /// The API channel, shared by the VMs of one run (a reboot keeps it).
 pub type SharedApiChannel = Arc<Mutex<ApiChannel>>;
 
+/// What the API asked to happen once the running VM has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmAction {
+    /// `vm.shutdown`: the VM stays defined (state `Shutdown`); tidevm waits.
+    ShutdownVm,
+    /// `vm.reboot`: build the VM again.
+    Reboot,
+    /// `vm.delete`: forget the VM; tidevm waits for a new one.
+    Delete,
+    /// `vmm.shutdown`: exit tidevm.
+    ShutdownVmm,
+}
+
 /// The VM as the event loop sees it.
 pub struct Vmm {
     pub(crate) config: VmConfig,
@@ -57,6 +70,10 @@ pub struct Vmm {
     api: Option<SharedApiChannel>,
     pub(crate) started: Instant,
     exit: Option<ExitReason>,
+    /// What the API asked for after the VM stops.
+    pub(crate) action: Option<VmmAction>,
+    /// The Cloud Hypervisor `VmConfig` the VM was created from, if it was.
+    pub(crate) ch_config: Option<serde_json::Value>,
 }
 
 impl Vmm {
@@ -80,7 +97,19 @@ impl Vmm {
             api,
             started: Instant::now(),
             exit: None,
+            action: None,
+            ch_config: None,
         }
+    }
+
+    /// Records the Cloud Hypervisor `VmConfig` the VM was created from, for `vm.info`.
+    pub fn set_ch_config(&mut self, config: Option<serde_json::Value>) {
+        self.ch_config = config;
+    }
+
+    /// What the API asked to happen after the VM stops, if anything.
+    pub fn action(&self) -> Option<VmmAction> {
+        self.action
     }
 
     /// Why the VM stopped, once it has.

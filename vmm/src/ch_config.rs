@@ -1,0 +1,523 @@
+//! Maps a Cloud Hypervisor `VmConfig` (from `PUT /api/v1/vm.create`) onto
+//! tidevm's [`VmConfig`]: what tidevm supports is mapped, fields at their
+//! defaults are accepted, and anything asking for what tidevm lacks is
+//! refused with an error naming the field.
+
+use std::path::PathBuf;
+
+use api_server::ch::{ChConsoleConfig, ChCpusConfig, ChMemoryConfig, ChVmConfig, OtherFields};
+use serde_json::Value;
+
+use crate::config::{
+    self, BalloonConfig, CpusConfig, DiskConfig, MemoryConfig, RebootAction, RngConfig,
+    SerialConfig, VmConfig, VsockConfig, CMDLINE_MAX_SIZE, DEFAULT_CMDLINE, MAX_VCPUS,
+};
+
+/// Why a Cloud Hypervisor `VmConfig` cannot become a tidevm VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChConfigError {
+    /// The field asks for something tidevm does not have.
+    #[error("{field}: not supported by tidevm: {reason}")]
+    Unsupported {
+        /// The field, e.g. `net` or `memory.hotplug_method`.
+        field: String,
+        /// What tidevm lacks, or what to ask instead.
+        reason: String,
+    },
+    /// The field's value is invalid.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field, e.g. `payload.kernel`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ChConfigError {
+    /// The HTTP status the API answers with.
+    pub fn status(&self) -> u16 {
+        400
+    }
+}
+
+type Result<T> = std::result::Result<T, ChConfigError>;
+
+fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> ChConfigError {
+    ChConfigError::Unsupported {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ChConfigError {
+    ChConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Any value is accepted for this field (it has no meaning for tidevm's
+/// virtio-mmio devices, e.g. an `id` or a PCI slot).
+const ANY: &str = "*";
+
+/// Checks fields tidevm does not model: a field listed in `defaults` must
+/// be null or equal its default there (JSON text, or [`ANY`]); any other
+/// must be empty (null, false, 0-length string, array or object).
+fn check_other(prefix: &str, other: &OtherFields, defaults: &[(&str, &str)]) -> Result<()> {
+    for (key, value) in other {
+        let empty = match value {
+            Value::Null | Value::Bool(false) => true,
+            Value::String(s) => s.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        let accepted = match defaults.iter().find(|(k, _)| k == key) {
+            Some((_, d)) => {
+                *d == ANY
+                    || value.is_null()
+                    || serde_json::from_str::<Value>(d).ok().as_ref() == Some(value)
+            }
+            None => empty,
+        };
+        if !accepted {
+            return Err(unsupported(
+                format!("{prefix}{key}"),
+                format!("tidevm cannot provide {value}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Fields of a virtio device that only place it on PCI.
+const DEVICE_DEFAULTS: &[(&str, &str)] =
+    &[("id", ANY), ("pci_segment", "0"), ("pci_device_id", ANY)];
+
+/// Maps a Cloud Hypervisor `VmConfig` onto tidevm's configuration. The
+/// result has no API socket and restarts the guest when it reboots, as
+/// Cloud Hypervisor does. Files named are checked to be readable.
+pub fn ch_config_to_vm_config(ch: &ChVmConfig) -> Result<VmConfig> {
+    check_other("", &ch.other, &[("pvpanic", ANY)])?;
+    check_other("payload.", &ch.payload.other, &[])?;
+    let kernel = ch.payload.kernel.as_deref().ok_or_else(|| {
+        invalid(
+            "payload.kernel",
+            "required: tidevm boots a kernel directly, not firmware",
+        )
+    })?;
+    let file = |field: &str, path: &str| {
+        config::readable_file("payload", path).map_err(|e| invalid(field, e.to_string()))
+    };
+    let cmdline = ch
+        .payload
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(invalid(
+            "payload.cmdline",
+            format!(
+                "{} bytes; the limit is {}",
+                cmdline.len(),
+                CMDLINE_MAX_SIZE - 1
+            ),
+        ));
+    }
+    Ok(VmConfig {
+        kernel: file("payload.kernel", kernel)?,
+        initrd: ch
+            .payload
+            .initramfs
+            .as_deref()
+            .map(|p| file("payload.initramfs", p))
+            .transpose()?,
+        cmdline,
+        cpus: map_cpus(ch.cpus.as_ref())?,
+        memory: map_memory(ch.memory.as_ref())?,
+        disks: map_disks(ch)?,
+        serial: map_serial(ch.serial.as_ref(), ch.console.as_ref())?,
+        balloon: ch
+            .balloon
+            .as_ref()
+            .map(|b| {
+                check_other("balloon.", &b.other, DEVICE_DEFAULTS)?;
+                Ok(BalloonConfig {
+                    size: b.size,
+                    deflate_on_oom: b.deflate_on_oom.unwrap_or(false),
+                    free_page_reporting: b.free_page_reporting.unwrap_or(false),
+                    stats_period_s: 0,
+                })
+            })
+            .transpose()?,
+        vsock: ch
+            .vsock
+            .as_ref()
+            .map(|v| {
+                check_other("vsock.", &v.other, DEVICE_DEFAULTS)?;
+                if !(3..u64::from(u32::MAX)).contains(&v.cid) {
+                    return Err(invalid(
+                        "vsock.cid",
+                        "must be 3 or more (0-2 are reserved) and below 4294967295",
+                    ));
+                }
+                if v.socket.is_empty() {
+                    return Err(invalid("vsock.socket", "must be a path"));
+                }
+                Ok(VsockConfig {
+                    cid: v.cid,
+                    socket: PathBuf::from(&v.socket),
+                })
+            })
+            .transpose()?,
+        rng: ch
+            .rng
+            .as_ref()
+            .map(|r| {
+                check_other("rng.", &r.other, DEVICE_DEFAULTS)?;
+                let src = if r.src.is_empty() {
+                    "/dev/urandom"
+                } else {
+                    &r.src
+                };
+                std::fs::File::open(src)
+                    .map_err(|e| invalid("rng.src", format!("cannot open {src}: {e}")))?;
+                Ok(RngConfig { src: src.into() })
+            })
+            .transpose()?,
+        api_socket: None,
+        on_reboot: RebootAction::Restart,
+    })
+}
+
+fn map_cpus(cpus: Option<&ChCpusConfig>) -> Result<CpusConfig> {
+    let Some(cpus) = cpus else {
+        return Ok(CpusConfig { boot_vcpus: 1 });
+    };
+    check_other(
+        "cpus.",
+        &cpus.other,
+        &[
+            ("nested", ANY),
+            ("max_phys_bits", ANY),
+            ("core_scheduling", ANY),
+        ],
+    )?;
+    let boot = u8::try_from(cpus.boot_vcpus)
+        .ok()
+        .filter(|n| (1..=MAX_VCPUS).contains(n))
+        .ok_or_else(|| invalid("cpus.boot_vcpus", format!("must be 1 to {MAX_VCPUS}")))?;
+    if let Some(max) = cpus.max_vcpus.filter(|m| *m != cpus.boot_vcpus) {
+        return Err(unsupported(
+            "cpus.max_vcpus",
+            format!("no vCPU hotplug: max_vcpus ({max}) must equal boot_vcpus ({boot})"),
+        ));
+    }
+    if let Some(t) = &cpus.topology {
+        let one = |v: Option<u64>| v.unwrap_or(1) == 1;
+        let cores = t.cores_per_die.unwrap_or(u64::from(boot));
+        if !one(t.threads_per_core)
+            || !one(t.dies_per_package)
+            || !one(t.packages)
+            || cores != u64::from(boot)
+        {
+            return Err(unsupported(
+                "cpus.topology",
+                format!("tidevm builds one package of {boot} single-threaded cores"),
+            ));
+        }
+    }
+    Ok(CpusConfig { boot_vcpus: boot })
+}
+
+fn map_memory(memory: Option<&ChMemoryConfig>) -> Result<MemoryConfig> {
+    let Some(m) = memory else {
+        return config::parse_memory("size=512M").map_err(|e| invalid("memory", e.to_string()));
+    };
+    check_other("memory.", &m.other, &[("thp", "true")])?;
+    let hotplug_size = m.hotplug_size.unwrap_or(0);
+    if hotplug_size > 0 && m.hotplug_method.as_deref() != Some("VirtioMem") {
+        return Err(unsupported(
+            "memory.hotplug_method",
+            format!(
+                "{} hotplug; only \"VirtioMem\" is",
+                m.hotplug_method.as_deref().unwrap_or("Acpi (the default)")
+            ),
+        ));
+    }
+    if m.hotplugged_size.unwrap_or(0) != 0 {
+        return Err(unsupported(
+            "memory.hotplugged_size",
+            "memory plugged at boot; resize with vm.resize after boot",
+        ));
+    }
+    let on = |b: Option<bool>| if b.unwrap_or(false) { "on" } else { "off" };
+    let options = format!(
+        "size={},hotplug_size={hotplug_size},shared={},hugepages={},prefault={}",
+        m.size,
+        on(m.shared),
+        on(m.hugepages),
+        on(m.prefault)
+    );
+    config::parse_memory(&options).map_err(|e| invalid("memory", e.to_string()))
+}
+
+fn map_disks(ch: &ChVmConfig) -> Result<Vec<DiskConfig>> {
+    const DISK_DEFAULTS: &[(&str, &str)] = &[
+        ("id", ANY),
+        ("pci_segment", "0"),
+        ("pci_device_id", ANY),
+        ("num_queues", "1"),
+        ("queue_size", ANY),
+        ("sparse", "true"),
+        ("image_type", "\"Raw\""),
+        ("lock_granularity", ANY),
+    ];
+    let disks = ch.disks.as_deref().unwrap_or_default();
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            check_other(&format!("disks[{i}]."), &d.other, DISK_DEFAULTS)?;
+            let field = format!("disks[{i}].path");
+            let path = d
+                .path
+                .as_deref()
+                .ok_or_else(|| invalid(&field, "required"))?;
+            Ok(DiskConfig {
+                path: config::readable_file("--disk", path)
+                    .map_err(|e| invalid(&field, e.to_string()))?,
+                readonly: d.readonly.unwrap_or(false),
+            })
+        })
+        .collect()
+}
+
+fn map_serial(
+    serial: Option<&ChConsoleConfig>,
+    console: Option<&ChConsoleConfig>,
+) -> Result<SerialConfig> {
+    const CONSOLE_DEFAULTS: &[(&str, &str)] =
+        &[("id", ANY), ("pci_segment", "0"), ("pci_device_id", ANY)];
+    if let Some(c) = console {
+        check_other("console.", &c.other, CONSOLE_DEFAULTS)?;
+        if !matches!(c.mode.as_str(), "Off" | "Null") {
+            return Err(unsupported(
+                "console.mode",
+                format!("{:?}: tidevm has no virtio-console; use serial", c.mode),
+            ));
+        }
+    }
+    let Some(s) = serial else {
+        return Ok(SerialConfig::Off);
+    };
+    check_other("serial.", &s.other, &[])?;
+    match (s.mode.as_str(), s.file.as_deref()) {
+        ("Tty", _) => Ok(SerialConfig::Tty),
+        ("Off" | "Null", _) => Ok(SerialConfig::Off),
+        ("File", Some(path)) if !path.is_empty() => Ok(SerialConfig::File(path.into())),
+        ("File", _) => Err(invalid("serial.file", "required with mode File")),
+        (mode, _) => Err(unsupported(
+            "serial.mode",
+            format!("{mode:?}: tidevm's serial goes to Tty, File, Off or Null"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HotplugMethod;
+    use serde_json::json as j;
+
+    fn exe() -> String {
+        std::env::current_exe().unwrap().display().to_string()
+    }
+
+    fn ch(json: Value) -> ChVmConfig {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn base() -> Value {
+        serde_json::json!({"payload": {"kernel": exe()}})
+    }
+
+    fn with(patch: Value) -> Result<VmConfig> {
+        let mut v = base();
+        for (k, val) in patch.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        ch_config_to_vm_config(&ch(v))
+    }
+
+    fn refused_field(patch: Value) -> String {
+        match with(patch).unwrap_err() {
+            ChConfigError::Unsupported { field, .. } | ChConfigError::Invalid { field, .. } => {
+                field
+            }
+        }
+    }
+
+    #[test]
+    fn full_config_maps() {
+        let k = exe();
+        let c = ch_config_to_vm_config(&ch(serde_json::json!({
+            "payload": {"kernel": k, "initramfs": k, "cmdline": "console=ttyS0"},
+            "cpus": {"boot_vcpus": 2, "max_vcpus": 2, "nested": true,
+                     "topology": {"threads_per_core": 1, "cores_per_die": 2, "dies_per_package": 1, "packages": 1}},
+            "memory": {"size": 536870912u64, "hotplug_size": 2147483648u64, "hotplug_method": "VirtioMem",
+                       "shared": true, "thp": true, "mergeable": false},
+            "disks": [{"path": k, "readonly": true, "id": "d0", "num_queues": 1}],
+            "balloon": {"size": 0, "deflate_on_oom": true, "free_page_reporting": true},
+            "vsock": {"cid": 3, "socket": "/run/v.sock", "id": "vsock0"},
+            "rng": {"src": "/dev/urandom", "iommu": false},
+            "serial": {"mode": "Tty"},
+            "console": {"mode": "Off"},
+            "net": [], "iommu": false, "pvpanic": true
+        })))
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from(&k));
+        assert_eq!(c.initrd, Some(PathBuf::from(&k)));
+        assert_eq!(c.cmdline, "console=ttyS0");
+        assert_eq!(c.cpus.boot_vcpus, 2);
+        assert_eq!(c.memory.size, 512 << 20);
+        assert_eq!(c.memory.hotplug_size, 2 << 30);
+        assert_eq!(c.memory.hotplug_method, HotplugMethod::VirtioMem);
+        assert!(c.memory.shared && !c.memory.hugepages);
+        assert_eq!(
+            c.disks,
+            vec![DiskConfig {
+                path: k.into(),
+                readonly: true
+            }]
+        );
+        let b = c.balloon.unwrap();
+        assert!(b.deflate_on_oom && b.free_page_reporting && b.size == 0);
+        assert_eq!(c.vsock.unwrap().cid, 3);
+        assert_eq!(c.rng.unwrap().src, PathBuf::from("/dev/urandom"));
+        assert_eq!(c.serial, SerialConfig::Tty);
+        assert_eq!(c.on_reboot, RebootAction::Restart);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = with(serde_json::json!({})).unwrap();
+        assert_eq!(c.cpus.boot_vcpus, 1);
+        assert_eq!(c.memory.size, 512 << 20);
+        assert_eq!(c.memory.hotplug_size, 0);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.serial, SerialConfig::Off);
+        assert!(c.disks.is_empty() && c.balloon.is_none() && c.vsock.is_none());
+        // Acpi is fine when there is nothing to hotplug.
+        let c =
+            with(serde_json::json!({"memory": {"size": 1073741824u64, "hotplug_method": "Acpi"}}));
+        assert_eq!(c.unwrap().memory.size, 1 << 30);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        assert_eq!(refused_field(j!({"net": [{"tap": "tap0"}]})), "net");
+        assert_eq!(
+            refused_field(j!({"fs": [{"tag": "t", "socket": "/s"}]})),
+            "fs"
+        );
+        assert_eq!(refused_field(j!({"pmem": [{"file": "/f"}]})), "pmem");
+        assert_eq!(
+            refused_field(j!({"devices": [{"path": "/sys/x"}]})),
+            "devices"
+        );
+        assert_eq!(refused_field(j!({"numa": [{"guest_numa_id": 0}]})), "numa");
+        assert_eq!(refused_field(j!({"iommu": true})), "iommu");
+        assert_eq!(
+            refused_field(j!({"payload": {"firmware": "/fw"}})),
+            "payload.firmware"
+        );
+        assert_eq!(refused_field(j!({"payload": {}})), "payload.kernel");
+        assert_eq!(
+            refused_field(j!({"payload": {"kernel": exe(), "firmware": "/fw"}})),
+            "payload.firmware"
+        );
+        assert_eq!(
+            refused_field(j!({"payload": {"kernel": "/nonexistent"}})),
+            "payload.kernel"
+        );
+        assert_eq!(
+            refused_field(j!({"cpus": {"boot_vcpus": 2, "max_vcpus": 4}})),
+            "cpus.max_vcpus"
+        );
+        assert_eq!(
+            refused_field(j!({"cpus": {"boot_vcpus": 0}})),
+            "cpus.boot_vcpus"
+        );
+        assert_eq!(
+            refused_field(j!({"cpus": {"boot_vcpus": 300}})),
+            "cpus.boot_vcpus"
+        );
+        assert_eq!(
+            refused_field(
+                j!({"cpus": {"boot_vcpus": 2, "topology": {"threads_per_core": 2, "cores_per_die": 1}}})
+            ),
+            "cpus.topology"
+        );
+        assert_eq!(
+            refused_field(j!({"cpus": {"boot_vcpus": 2, "kvm_hyperv": true}})),
+            "cpus.kvm_hyperv"
+        );
+        assert_eq!(
+            refused_field(j!({"memory": {"size": 536870912u64, "hotplug_size": 1073741824u64}})),
+            "memory.hotplug_method"
+        );
+        assert_eq!(
+            refused_field(
+                j!({"memory": {"size": 536870912u64, "hotplug_size": 1073741824u64, "hotplug_method": "Acpi"}})
+            ),
+            "memory.hotplug_method"
+        );
+        assert_eq!(
+            refused_field(
+                j!({"memory": {"size": 536870912u64, "zones": [{"id": "z", "size": 1}]}})
+            ),
+            "memory.zones"
+        );
+        assert_eq!(
+            refused_field(j!({"memory": {"size": 536870912u64, "thp": false}})),
+            "memory.thp"
+        );
+        assert_eq!(refused_field(j!({"memory": {"size": 1000}})), "memory");
+        assert_eq!(
+            refused_field(j!({"disks": [{"readonly": true}]})),
+            "disks[0].path"
+        );
+        assert_eq!(
+            refused_field(j!({"disks": [{"path": exe(), "vhost_user": true}]})),
+            "disks[0].vhost_user"
+        );
+        assert_eq!(
+            refused_field(j!({"vsock": {"cid": 2, "socket": "/s"}})),
+            "vsock.cid"
+        );
+        assert_eq!(
+            refused_field(j!({"rng": {"src": "/nonexistent"}})),
+            "rng.src"
+        );
+        assert_eq!(
+            refused_field(j!({"serial": {"mode": "Pty"}})),
+            "serial.mode"
+        );
+        assert_eq!(
+            refused_field(j!({"serial": {"mode": "File"}})),
+            "serial.file"
+        );
+        assert_eq!(
+            refused_field(j!({"console": {"mode": "Tty"}})),
+            "console.mode"
+        );
+        let e = with(j!({"net": [{"tap": "tap0"}]})).unwrap_err();
+        assert!(
+            e.to_string().starts_with("net: not supported by tidevm"),
+            "{e}"
+        );
+        assert_eq!(e.status(), 400);
+    }
+}
