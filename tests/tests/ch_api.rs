@@ -103,6 +103,17 @@ fn create_boot_resize_shutdown_over_the_ch_api() {
     });
     assert_eq!(actual["state"], "Running");
 
+    // vm.reboot builds the VM again: boot memory only, the same socket.
+    let (status, body) = vm.api("PUT", "/api/v1/vm.power-button", None);
+    assert_eq!(status, 409, "{body}");
+    let from = vm.line_count();
+    let (status, body) = vm.api("PUT", "/api/v1/vm.reboot", None);
+    assert_eq!(status, 204, "{body}");
+    vm.wait_for_from(from, "READY=1", BOOT_TIMEOUT);
+    assert_eq!(ask_u64(&mut vm, "mem", "MEMTOTAL_KB"), boot_kib);
+    let info = json(&vm.api("GET", "/api/v1/vm.info", None).1);
+    assert_eq!(info["memory_actual_size"], 512 * MIB, "{info}");
+
     let (status, body) = vm.api("PUT", "/api/v1/vm.shutdown", None);
     assert_eq!(status, 204, "{body}");
     let info = poll("vm.info to say Shutdown", Duration::from_secs(30), || {
@@ -110,6 +121,11 @@ fn create_boot_resize_shutdown_over_the_ch_api() {
         (info["state"] == "Shutdown").then_some(info)
     });
     assert_eq!(info["config"]["memory"]["size"], 512 * MIB);
+    let (status, body) = vm.api("PUT", "/api/v1/vm.resize", Some(r#"{"desired_ram": 0}"#));
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = vm.api("PUT", "/api/v1/vm.delete", None);
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(vm.api("GET", "/api/v1/vm.info", None).0, 404);
 
     let (status, body) = vm.api("PUT", "/api/v1/vmm.shutdown", None);
     assert_eq!(status, 204, "{body}");
