@@ -258,6 +258,8 @@ pub enum ChRequest {
     VmPowerButton,
     /// `PUT /api/v1/vm.delete`.
     VmDelete,
+    /// `PUT /api/v1/vm.add-vsock`.
+    VmAddVsock(ChVsockConfig),
 }
 
 /// The Cloud Hypervisor endpoints tidevm serves: path below `/api/v1/` and method.
@@ -273,6 +275,7 @@ const CH_ROUTES: &[(&str, &str)] = &[
     ("vm.reboot", "PUT"),
     ("vm.power-button", "PUT"),
     ("vm.delete", "PUT"),
+    ("vm.add-vsock", "PUT"),
 ];
 
 /// Prefix of every Cloud Hypervisor endpoint.
@@ -293,6 +296,7 @@ impl ChRequest {
             ChRequest::VmReboot => ("PUT", "/api/v1/vm.reboot"),
             ChRequest::VmPowerButton => ("PUT", "/api/v1/vm.power-button"),
             ChRequest::VmDelete => ("PUT", "/api/v1/vm.delete"),
+            ChRequest::VmAddVsock(_) => ("PUT", "/api/v1/vm.add-vsock"),
         }
     }
 }
@@ -327,6 +331,7 @@ pub(crate) fn parse_ch_request(
         "vm.shutdown" => ChRequest::VmShutdown,
         "vm.reboot" => ChRequest::VmReboot,
         "vm.power-button" => ChRequest::VmPowerButton,
+        "vm.add-vsock" => ChRequest::VmAddVsock(parse_body(method, &path, body)?),
         _ => ChRequest::VmDelete,
     })
 }
@@ -369,6 +374,7 @@ mod tests {
             let body = match *endpoint {
                 "vm.create" => r#"{"payload": {}}"#,
                 "vm.resize" => "{}",
+                "vm.add-vsock" => r#"{"cid": 3, "socket": "/s"}"#,
                 _ => "",
             };
             let request = parse(method, endpoint, body).unwrap();

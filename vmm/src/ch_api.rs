@@ -2,11 +2,11 @@
 //! ([`Vmm::handle_ch_request`], on the event loop) and for a VMM without
 //! one ([`IdleVmm`], on the main thread between VMs).
 
-use api_server::ch::{ChRequest, ChVmInfo, ChVmResize, ChVmmPingResponse};
+use api_server::ch::{ChRequest, ChVmInfo, ChVmResize, ChVmmPingResponse, ChVsockConfig};
 use api_server::{ApiRequest, ApiResponse};
 use serde_json::Value;
 
-use crate::ch_config::ch_config_to_vm_config;
+use crate::ch_config::{ch_config_to_vm_config, map_vsock};
 use crate::config::VmConfig;
 use crate::vmm::{ExitReason, Vmm, VmmAction};
 
@@ -49,6 +49,10 @@ impl Vmm {
                 "tidevm's guest platform has no ACPI power button; use vm.shutdown",
             ),
             ChRequest::VmDelete => stop(self, VmmAction::Delete, ExitReason::PowerOff),
+            ChRequest::VmAddVsock(_) => ApiResponse::error(
+                409,
+                "tidevm cannot hotplug devices: add the vsock device before vm.boot",
+            ),
         }
     }
 
@@ -132,6 +136,29 @@ pub enum IdleOutcome {
 }
 
 impl IdleVmm {
+    /// `vm.add-vsock` before boot: adds the device to the created VM (cold).
+    fn add_vsock(&mut self, vsock: &ChVsockConfig) -> ApiResponse {
+        let Some((config, echo)) = self.vm.as_mut() else {
+            return not_created();
+        };
+        if config.vsock.is_some() {
+            return ApiResponse::error(409, "the VM already has a vsock device");
+        }
+        match map_vsock(vsock) {
+            Ok(mapped) => {
+                config.vsock = Some(mapped);
+                if let Some(object) = echo.as_object_mut() {
+                    object.insert(
+                        "vsock".into(),
+                        serde_json::to_value(vsock).unwrap_or_default(),
+                    );
+                }
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::error(e.status(), e.to_string()),
+        }
+    }
+
     /// Answers `request` while no VM runs. `api_socket` goes into created
     /// configurations. Returns the response (none for [`IdleOutcome::Boot`]:
     /// it is sent once the VM runs) and what to do next.
@@ -194,6 +221,7 @@ impl IdleVmm {
                 }))
             }
             ChRequest::VmCounters => wait(ApiResponse::ok(&serde_json::json!({}))),
+            ChRequest::VmAddVsock(vsock) => wait(self.add_vsock(vsock)),
             ChRequest::VmResize(_) => wait(ApiResponse::error(
                 409,
                 "the VM is not running: resize it after vm.boot",

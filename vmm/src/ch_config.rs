@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use api_server::ch::{ChConsoleConfig, ChCpusConfig, ChMemoryConfig, ChVmConfig, OtherFields};
+use api_server::ch::{
+    ChConsoleConfig, ChCpusConfig, ChMemoryConfig, ChVmConfig, ChVsockConfig, OtherFields,
+};
 use serde_json::Value;
 
 use crate::config::{
@@ -151,26 +153,7 @@ pub fn ch_config_to_vm_config(ch: &ChVmConfig) -> Result<VmConfig> {
                 })
             })
             .transpose()?,
-        vsock: ch
-            .vsock
-            .as_ref()
-            .map(|v| {
-                check_other("vsock.", &v.other, DEVICE_DEFAULTS)?;
-                if !(3..u64::from(u32::MAX)).contains(&v.cid) {
-                    return Err(invalid(
-                        "vsock.cid",
-                        "must be 3 or more (0-2 are reserved) and below 4294967295",
-                    ));
-                }
-                if v.socket.is_empty() {
-                    return Err(invalid("vsock.socket", "must be a path"));
-                }
-                Ok(VsockConfig {
-                    cid: v.cid,
-                    socket: PathBuf::from(&v.socket),
-                })
-            })
-            .transpose()?,
+        vsock: ch.vsock.as_ref().map(map_vsock).transpose()?,
         rng: ch
             .rng
             .as_ref()
@@ -188,6 +171,24 @@ pub fn ch_config_to_vm_config(ch: &ChVmConfig) -> Result<VmConfig> {
             .transpose()?,
         api_socket: None,
         on_reboot: RebootAction::Restart,
+    })
+}
+
+/// Maps a Cloud Hypervisor `VsockConfig` (of `vm.create` or `vm.add-vsock`).
+pub fn map_vsock(v: &ChVsockConfig) -> Result<VsockConfig> {
+    check_other("vsock.", &v.other, DEVICE_DEFAULTS)?;
+    if !(3..u64::from(u32::MAX)).contains(&v.cid) {
+        return Err(invalid(
+            "vsock.cid",
+            "must be 3 or more (0-2 are reserved) and below 4294967295",
+        ));
+    }
+    if v.socket.is_empty() {
+        return Err(invalid("vsock.socket", "must be a path"));
+    }
+    Ok(VsockConfig {
+        cid: v.cid,
+        socket: PathBuf::from(&v.socket),
     })
 }
 
