@@ -1,160 +1,20 @@
 //! End-to-end tests: a real server on a temporary Unix socket, a fake VMM thread, and the
 //! crate's client.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, TryRecvError};
+use std::path::Path;
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use api_server::client::{request, request_full};
 use api_server::{
-    ApiRequest, ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerHandle, BalloonInfo,
-    BalloonStatistics, BalloonUpdate, ErrorBody, MemoryInfo, MemoryResizeRequest, VmInfo,
+    ApiRequest, ApiResponse, ApiServer, ApiServerHandle, BalloonInfo, BalloonStatistics,
+    BalloonUpdate, MemoryInfo, MemoryResizeRequest, VmInfo,
 };
 use vmm_sys_util::eventfd::EventFd;
 
-const BLOCK: u64 = 2 << 20;
-
-fn socket_path(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let n = N.fetch_add(1, Ordering::SeqCst);
-    std::env::temp_dir().join(format!("tidevm-api-{}-{tag}-{n}.sock", std::process::id()))
-}
-
-fn memory_info() -> MemoryInfo {
-    MemoryInfo {
-        boot_size: 512 << 20,
-        hotplug_size: 1 << 30,
-        requested_size: 512 << 20,
-        plugged_size: 0,
-        block_size: BLOCK,
-        slot_size: 128 << 20,
-        memslots_in_use: 1,
-        longest_memslot_update_us: 12,
-        hotplug_method: "virtio-mem".to_string(),
-        balloon_target_size: Some(0),
-        balloon_actual_size: None,
-        hv_balloon: None,
-    }
-}
-
-fn balloon_info() -> BalloonInfo {
-    BalloonInfo {
-        target_size: 64 << 20,
-        actual_size: 32 << 20,
-        deflate_on_oom: true,
-        free_page_reporting: false,
-        stats_period_s: 0,
-        features_negotiated: 0x1_0000_0004,
-    }
-}
-
-/// A VMM stand-in that answers like a real one would, recording what it received.
-fn fake_vmm_answer(request: &ApiRequest) -> ApiResponse {
-    match request {
-        ApiRequest::GetVmInfo => ApiResponse::ok(&VmInfo {
-            state: "Running".to_string(),
-            config: serde_json::json!({"vcpus": 2}),
-            uptime_ms: 1234,
-        }),
-        ApiRequest::PowerOff => ApiResponse::no_content(),
-        ApiRequest::GetMemory => ApiResponse::ok(&memory_info()),
-        ApiRequest::PutMemory(MemoryResizeRequest { requested_size }) => {
-            if requested_size % BLOCK != 0 {
-                ApiResponse::error(
-                    400,
-                    format!("requested_size {requested_size} is not a multiple of {BLOCK}"),
-                )
-            } else {
-                ApiResponse::no_content()
-            }
-        }
-        ApiRequest::GetBalloon => ApiResponse::ok(&balloon_info()),
-        ApiRequest::PutBalloon(_) => ApiResponse::no_content(),
-        ApiRequest::GetBalloonStatistics => {
-            ApiResponse::error(409, "balloon statistics are disabled")
-        }
-        ApiRequest::Ch(_) => ApiResponse::no_content(),
-    }
-}
-
-struct Fixture {
-    server: Option<ApiServerHandle>,
-    vmm: Option<JoinHandle<()>>,
-    wake: EventFd,
-    seen: Arc<Mutex<Vec<ApiRequest>>>,
-    path: PathBuf,
-}
-
-impl Fixture {
-    /// Starts a server and a fake VMM thread. `answer` decides what the VMM does with each
-    /// envelope.
-    fn start(tag: &str, answer: impl Fn(ApiRequestEnvelope) + Send + 'static) -> Fixture {
-        let path = socket_path(tag);
-        let (tx, rx) = mpsc::channel::<ApiRequestEnvelope>();
-        let kick = EventFd::new(0).unwrap();
-        let wake = kick.try_clone().unwrap();
-        let vmm_kick = kick.try_clone().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let vmm_seen = Arc::clone(&seen);
-        let vmm = std::thread::spawn(move || loop {
-            // Like the real event loop: wait for the kick, then drain the channel.
-            vmm_kick.read().unwrap();
-            loop {
-                match rx.try_recv() {
-                    Ok(envelope) => {
-                        vmm_seen.lock().unwrap().push(envelope.request.clone());
-                        answer(envelope);
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            }
-        });
-        let server =
-            ApiServer::start_with_timeout(&path, tx, kick, Duration::from_secs(2)).unwrap();
-        Fixture {
-            server: Some(server),
-            vmm: Some(vmm),
-            wake,
-            seen,
-            path,
-        }
-    }
-
-    fn standard(tag: &str) -> Fixture {
-        Fixture::start(tag, |envelope| {
-            let response = fake_vmm_answer(&envelope.request);
-            envelope.respond(response);
-        })
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        request(&self.path, method, path, body).unwrap()
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.stop();
-        }
-        assert!(!self.path.exists(), "socket not removed on stop");
-        // The server's sender is gone: wake the fake VMM so it sees the disconnection.
-        self.wake.write(1).unwrap();
-        if let Some(vmm) = self.vmm.take() {
-            vmm.join().unwrap();
-        }
-    }
-}
-
-fn error_message(body: &str) -> String {
-    serde_json::from_str::<ErrorBody>(body)
-        .unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
-        .error
-}
+mod common;
+use common::{balloon_info, error_message, memory_info, socket_path, Fixture};
 
 #[test]
 fn every_route() {

@@ -76,6 +76,7 @@ pub fn fake_vmm_answer(request: &ApiRequest) -> ApiResponse {
         }
         ApiRequest::GetBalloon => ApiResponse::ok(&balloon_info()),
         ApiRequest::PutBalloon(_) => ApiResponse::no_content(),
+        ApiRequest::Ch(_) => ApiResponse::no_content(),
         ApiRequest::GetBalloonStatistics => {
             ApiResponse::error(409, "balloon statistics are disabled")
         }
