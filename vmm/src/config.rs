@@ -400,6 +400,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
             return Err(ConfigError::Repeated(flag));
         }
     }
+    if single.get("--api-socket").is_some_and(|s| s.is_empty()) {
+        return Err(ConfigError::MissingValue("--api-socket".into()));
+    }
     let Some(kernel) = single.remove("--kernel") else {
         return match single.remove("--api-socket") {
             Some(socket) if single.is_empty() && disks.is_empty() => {
@@ -736,6 +739,11 @@ mod tests {
         assert_eq!(
             err(&["--api-socket", "/run/a.sock", "--cpus", "2"]),
             "--kernel is required"
+        );
+        assert_eq!(err(&["--api-socket", ""]), "--api-socket needs a value");
+        assert_eq!(
+            err(&["--kernel", k, "--api-socket", ""]),
+            "--api-socket needs a value"
         );
         assert!(err(&["--kernel", "/nonexistent"]).contains("cannot open '/nonexistent'"));
         assert!(
