@@ -350,6 +350,10 @@ mod tests {
         assert_eq!(parse("PUT", "vm.boot", "").unwrap(), ChRequest::VmBoot);
         assert_eq!(parse("PUT", "vm.delete", "").unwrap(), ChRequest::VmDelete);
         assert_eq!(
+            parse("GET", "vm.counters", "").unwrap(),
+            ChRequest::VmCounters
+        );
+        assert_eq!(
             parse("PUT", "vm.resize", r#"{"desired_ram": 1073741824}"#).unwrap(),
             ChRequest::VmResize(ChVmResize {
                 desired_ram: Some(1 << 30),
@@ -386,6 +390,8 @@ mod tests {
     fn errors() {
         assert_eq!(parse("PUT", "vm.nope", "").unwrap_err().status, 404);
         let r = parse("PUT", "vmm.ping", "").unwrap_err();
+        assert_eq!((r.status, r.allow), (405, Some("GET")));
+        let r = parse("PUT", "vm.counters", "").unwrap_err();
         assert_eq!((r.status, r.allow), (405, Some("GET")));
         assert_eq!(parse("PUT", "vm.create", "").unwrap_err().status, 400);
         assert_eq!(parse("PUT", "vm.create", "{").unwrap_err().status, 400);

@@ -46,6 +46,6 @@ pub use server::{
     DEFAULT_RESPONSE_TIMEOUT, MAX_BODY_SIZE,
 };
 pub use types::{
-    BalloonInfo, BalloonStatistics, BalloonUpdate, ErrorBody, MemoryInfo, MemoryResizeRequest,
-    VmInfo,
+    BalloonInfo, BalloonStatistics, BalloonUpdate, DeviceCounters, ErrorBody, MemoryInfo,
+    MemoryResizeRequest, VmCounters, VmInfo,
 };

@@ -82,6 +82,8 @@ pub enum ApiRequest {
     PutBalloon(BalloonUpdate),
     /// `GET /vm/balloon/statistics`.
     GetBalloonStatistics,
+    /// `GET /vm/counters`.
+    GetCounters,
     /// A Cloud Hypervisor API request (below `/api/v1/`).
     Ch(ChRequest),
 }
@@ -97,6 +99,7 @@ impl ApiRequest {
             ApiRequest::GetBalloon => ("GET", "/vm/balloon"),
             ApiRequest::PutBalloon(_) => ("PUT", "/vm/balloon"),
             ApiRequest::GetBalloonStatistics => ("GET", "/vm/balloon/statistics"),
+            ApiRequest::GetCounters => ("GET", "/vm/counters"),
             ApiRequest::Ch(request) => request.route(),
         }
     }
@@ -485,6 +488,10 @@ const ROUTES: &[Route] = &[
         path: "/vm/balloon/statistics",
         allow: "GET",
     },
+    Route {
+        path: "/vm/counters",
+        allow: "GET",
+    },
 ];
 
 /// Parses an HTTP request (already read, body at most [`MAX_BODY_SIZE`]) into an
@@ -510,6 +517,7 @@ pub fn parse_request(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest,
         ("GET", "/vm/balloon") => ApiRequest::GetBalloon,
         ("PUT", "/vm/balloon") => ApiRequest::PutBalloon(parse_body(method, path, body)?),
         ("GET", "/vm/balloon/statistics") => ApiRequest::GetBalloonStatistics,
+        ("GET", "/vm/counters") => ApiRequest::GetCounters,
         _ => {
             let mut reply = Reply::error(
                 405,
@@ -763,6 +771,8 @@ mod tests {
             ok("GET", "/vm/balloon/statistics", ""),
             ApiRequest::GetBalloonStatistics
         );
+        assert_eq!(ok("GET", "/vm/counters", ""), ApiRequest::GetCounters);
+        assert_eq!(ApiRequest::GetCounters.route(), ("GET", "/vm/counters"));
     }
 
     #[test]
@@ -777,6 +787,11 @@ mod tests {
         assert_eq!(err("GET", "/vm/info?x=1", "").status, 400);
         assert_eq!(err("GET", "/vm/info", "{}").status, 400);
         assert_eq!(err("PUT", "/vm/power-off", "{}").status, 400);
+        let r = err("PUT", "/vm/counters", "");
+        assert_eq!((r.status, r.allow), (405, Some("GET")));
+        assert_eq!(err("GET", "/vm/counters", "{}").status, 400);
+        assert_eq!(err("GET", "/vm/counters?device=disk0", "").status, 400);
+        assert_eq!(err("GET", "/vm/counters/disk0", "").status, 404);
 
         let msg = |r: Reply| r.body.unwrap();
         let m = msg(err("PUT", "/vm/memory", ""));

@@ -5,6 +5,8 @@
 //! reject unknown fields; response bodies accept them, so that older clients keep working when
 //! fields are added.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Body of `PUT /vm/memory`.
@@ -183,6 +185,15 @@ pub struct BalloonStatistics {
     #[serde(default)]
     pub hugetlb_failures: Option<u64>,
 }
+
+/// One device's counters in `GET /vm/counters`: counter name → value.
+pub type DeviceCounters = BTreeMap<String, u64>;
+
+/// Body of the response to `GET /vm/counters` (and Cloud Hypervisor's
+/// `GET /api/v1/vm.counters`): device name (`disk0`, `vsock`, `rng`,
+/// `virtio-mem`, `balloon`, `hv-balloon`) → its counters, each counting
+/// since the device was created. Only configured devices appear.
+pub type VmCounters = BTreeMap<String, DeviceCounters>;
 
 /// Body of every error response: `{"error": "<message>"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

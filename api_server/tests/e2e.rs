@@ -9,12 +9,12 @@ use std::time::Duration;
 use api_server::client::{request, request_full};
 use api_server::{
     ApiRequest, ApiResponse, ApiServer, ApiServerHandle, BalloonInfo, BalloonStatistics,
-    BalloonUpdate, MemoryInfo, MemoryResizeRequest, VmInfo,
+    BalloonUpdate, MemoryInfo, MemoryResizeRequest, VmCounters, VmInfo,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 mod common;
-use common::{balloon_info, error_message, memory_info, socket_path, Fixture};
+use common::{balloon_info, counters, error_message, memory_info, socket_path, Fixture};
 
 #[test]
 fn every_route() {
@@ -62,6 +62,13 @@ fn every_route() {
     assert_eq!(status, 409);
     assert_eq!(error_message(&body), "balloon statistics are disabled");
 
+    let (status, body) = f.call("GET", "/vm/counters", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<VmCounters>(&body).unwrap(),
+        counters()
+    );
+
     let (status, body) = f.call("PUT", "/vm/power-off", None);
     assert_eq!((status, body.as_str()), (204, ""));
     // An empty body is the same as none.
@@ -82,6 +89,7 @@ fn every_route() {
             ApiRequest::GetBalloon,
             ApiRequest::PutBalloon(BalloonUpdate { size: 64 << 20 }),
             ApiRequest::GetBalloonStatistics,
+            ApiRequest::GetCounters,
             ApiRequest::PowerOff,
             ApiRequest::PowerOff,
         ]

@@ -26,6 +26,7 @@ impl Vmm {
             ApiRequest::GetBalloon => self.balloon_info(),
             ApiRequest::PutBalloon(update) => self.set_balloon(update.size),
             ApiRequest::GetBalloonStatistics => self.balloon_statistics(),
+            ApiRequest::GetCounters => ApiResponse::ok(&self.counters()),
             ApiRequest::Ch(request) => self.handle_ch_request(request),
         }
     }

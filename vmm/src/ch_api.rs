@@ -40,7 +40,7 @@ impl Vmm {
             }
             ChRequest::VmBoot => ApiResponse::error(409, "the VM is already running"),
             ChRequest::VmInfo => self.ch_vm_info(),
-            ChRequest::VmCounters => ApiResponse::ok(&serde_json::json!({})),
+            ChRequest::VmCounters => ApiResponse::ok(&self.counters()),
             ChRequest::VmResize(resize) => self.ch_resize(resize),
             ChRequest::VmShutdown => stop(self, VmmAction::ShutdownVm, ExitReason::PowerOff),
             ChRequest::VmReboot => stop(self, VmmAction::Reboot, ExitReason::Reset),

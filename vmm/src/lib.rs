@@ -10,6 +10,7 @@ pub mod api;
 pub mod ch_api;
 pub mod ch_config;
 pub mod config;
+pub mod counters;
 pub mod device_manager;
 pub mod hyperv;
 pub mod logger;
@@ -209,6 +210,7 @@ fn run_vm(
     let mut em =
         EventManager::<Subscriber>::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
     let mut dm = DeviceManager::new(&vm, &mut em, config)?;
+    let mut counted = counters::CountedDevices::default();
     for disk in &config.disks {
         let block = devices::virtio::block::Block::new(&disk.path, disk.readonly).map_err(|e| {
             device_manager::DeviceError::Disk {
@@ -216,6 +218,7 @@ fn run_vm(
                 reason: e.to_string(),
             }
         })?;
+        counted.disks.push(block.metrics());
         dm.add_virtio(&vm, &mut em, &guest_memory, Arc::new(Mutex::new(block)))?;
     }
     let hv_balloon = config.memory.hotplug_method == config::HotplugMethod::HvBalloon;
@@ -230,12 +233,16 @@ fn run_vm(
             v.cid,
             v.socket.display()
         );
-        dm.add_virtio(&vm, &mut em, &guest_memory, Arc::new(Mutex::new(vsock)))?;
+        let vsock = Arc::new(Mutex::new(vsock));
+        counted.vsock = Some(vsock.clone());
+        dm.add_virtio(&vm, &mut em, &guest_memory, vsock)?;
     }
     if let Some(r) = &config.rng {
         let rng = devices::virtio::rng::Rng::new(&r.src)
             .map_err(|e| device_manager::DeviceError::Rng(e.to_string()))?;
-        dm.add_virtio(&vm, &mut em, &guest_memory, Arc::new(Mutex::new(rng)))?;
+        let rng = Arc::new(Mutex::new(rng));
+        counted.rng = Some(rng.clone());
+        dm.add_virtio(&vm, &mut em, &guest_memory, rng)?;
     }
     let mut memory_devices = create_memory_devices(config, &memory)?;
     if let Some(mem) = &memory_devices.virtio_mem {
@@ -352,7 +359,11 @@ fn run_vm(
         dm.platform,
         api_channel,
     )));
-    vmm.lock().expect("vmm").set_ch_config(ch_config);
+    {
+        let mut vmm = vmm.lock().expect("vmm");
+        vmm.set_ch_config(ch_config);
+        vmm.set_counted_devices(counted);
+    }
     em.add_subscriber(vmm.clone());
     let mut threads = Vec::new();
     for vcpu in vcpus {

@@ -11,6 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::counters::{self, CountedDevices};
 use crate::device_manager::PlatformEvents;
 use crate::memory::MemoryManager;
 use crate::resize::MemoryDevices;
@@ -74,6 +75,8 @@ pub struct Vmm {
     pub(crate) action: Option<VmmAction>,
     /// The Cloud Hypervisor `VmConfig` the VM was created from, if it was.
     pub(crate) ch_config: Option<serde_json::Value>,
+    /// Devices besides the memory devices whose counters the API reports.
+    counted: CountedDevices,
 }
 
 impl Vmm {
@@ -99,7 +102,19 @@ impl Vmm {
             exit: None,
             action: None,
             ch_config: None,
+            counted: CountedDevices::default(),
         }
+    }
+
+    /// Hands over the devices whose counters `GET /vm/counters` reports
+    /// besides the memory devices.
+    pub fn set_counted_devices(&mut self, counted: CountedDevices) {
+        self.counted = counted;
+    }
+
+    /// Every device's counters, by device name.
+    pub(crate) fn counters(&self) -> api_server::VmCounters {
+        counters::collect(&self.memory_devices, &self.counted)
     }
 
     /// Records the Cloud Hypervisor `VmConfig` the VM was created from, for `vm.info`.

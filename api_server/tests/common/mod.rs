@@ -14,7 +14,7 @@ use std::time::Duration;
 use api_server::client::request;
 use api_server::{
     ApiRequest, ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerConfig, ApiServerHandle,
-    BalloonInfo, ErrorBody, MemoryInfo, MemoryResizeRequest, VmInfo,
+    BalloonInfo, DeviceCounters, ErrorBody, MemoryInfo, MemoryResizeRequest, VmCounters, VmInfo,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -80,7 +80,16 @@ pub fn fake_vmm_answer(request: &ApiRequest) -> ApiResponse {
         ApiRequest::GetBalloonStatistics => {
             ApiResponse::error(409, "balloon statistics are disabled")
         }
+        ApiRequest::GetCounters => ApiResponse::ok(&counters()),
     }
+}
+
+/// What the fake VMM answers to `GET /vm/counters`.
+pub fn counters() -> VmCounters {
+    VmCounters::from([(
+        "disk0".to_string(),
+        DeviceCounters::from([("write_bytes".to_string(), 4096)]),
+    )])
 }
 
 /// A server on a temporary socket and a fake VMM thread behind it.
