@@ -28,6 +28,16 @@ fn memory(vm: &Vm) -> Value {
     vm.api_json("GET", "/vm/memory")
 }
 
+/// virtio-mem's counter `name` from `GET /vm/counters`, checked against
+/// Cloud Hypervisor's `GET /api/v1/vm.counters` (the same data).
+fn mem_counter(vm: &Vm, name: &str) -> u64 {
+    let ours = vm.api_json("GET", "/vm/counters")["virtio-mem"][name].clone();
+    let ch = vm.api_json("GET", "/api/v1/vm.counters")["virtio-mem"][name].clone();
+    assert_eq!(ours, ch, "{name}: /vm/counters and vm.counters agree");
+    ours.as_u64()
+        .unwrap_or_else(|| panic!("virtio-mem counter {name}: {ours}"))
+}
+
 fn put_size(vm: &Vm, bytes: u64) -> (u16, String) {
     vm.api(
         "PUT",
@@ -77,6 +87,11 @@ fn plug_one_gib_then_unplug_it_back_to_boot_size() {
         (m["plugged_size"] == GIB).then_some(m)
     });
     assert_eq!(grown["requested_size"], BOOT_MIB * MIB + GIB);
+    // The counters saw exactly what the guest did.
+    assert_eq!(mem_counter(&vm, "bytes_plugged"), GIB);
+    assert_eq!(mem_counter(&vm, "bytes_unplugged"), 0);
+    assert!(mem_counter(&vm, "plug_requests") >= 1);
+    assert_eq!(mem_counter(&vm, "malformed_requests"), 0);
     // The driver took the NUMA node from ACPI (VIRTIO_MEM_F_ACPI_PXM, bit 0)
     // and agreed that unplugged memory is inaccessible (bit 1); the kernel
     // read the node from the SRAT, and the plugged memory sits in it.
@@ -117,6 +132,9 @@ fn plug_one_gib_then_unplug_it_back_to_boot_size() {
         "no hotplug memslot stays mapped"
     );
     assert_eq!(shrunk["requested_size"], BOOT_MIB * MIB);
+    assert_eq!(mem_counter(&vm, "bytes_plugged"), GIB);
+    assert_eq!(mem_counter(&vm, "bytes_unplugged"), GIB);
+    assert!(mem_counter(&vm, "unplug_requests") + mem_counter(&vm, "unplug_all_requests") >= 1);
     let shrunk_kib = wait_memtotal(&mut vm, "MemTotal to fall back", |k| k <= boot_kib);
     assert_eq!(shrunk_kib, boot_kib, "MemTotal back to its boot value");
     let rss_after = vm.rss();

@@ -18,12 +18,13 @@ use api_server::{parse_request, ApiRequest, BalloonUpdate, ErrorBody, MemoryResi
 use crate::input::{Bytes, Seed};
 
 const METHODS: [&str; 6] = ["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD"];
-const PATHS: [&str; 5] = [
+const PATHS: [&str; 6] = [
     "/vm/info",
     "/vm/power-off",
     "/vm/memory",
     "/vm/balloon",
     "/vm/balloon/statistics",
+    "/vm/counters",
 ];
 
 /// Runs one input.
@@ -108,5 +109,6 @@ pub fn seeds() -> Vec<Vec<u8>> {
         req(0, "/vm/info?x=1", ""),
         req(1, "/vm/power-off", "{}"),
         req(0, "/nope", ""),
+        req(0, "/vm/counters", ""),
     ]
 }
