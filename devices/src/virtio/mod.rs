@@ -49,6 +49,13 @@ pub enum ActivateError {
     Features(u64),
 }
 
+/// The queues handed to [`VirtioDevice::activate`] as exactly `N`, or the
+/// [`ActivateError::QueueCount`] saying how many the driver made ready.
+pub fn exact_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
+    let got = queues.len();
+    <[Queue; N]>::try_from(queues).map_err(|_| ActivateError::QueueCount { expected: N, got })
+}
+
 /// What a virtio interrupt is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InterruptKind {

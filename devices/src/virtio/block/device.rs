@@ -483,10 +483,7 @@ impl VirtioDevice for Block {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
+        let [queue] = crate::virtio::exact_queues(queues)?;
         self.active = Some(Active {
             mem,
             interrupt,

@@ -616,21 +616,15 @@ impl VirtioDevice for VirtioMem {
         &mut self,
         mem: GuestMemory,
         interrupt: Arc<VirtioInterrupt>,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
+        let [queue] = crate::virtio::exact_queues(queues)?;
         // Unplugged blocks have no memory behind them: a driver that does
         // not promise to leave them alone (Linux before 5.16) would fault.
         let required = VIRTIO_F_VERSION_1 | VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
         if self.acked_features & required != required {
             return Err(ActivateError::Features(self.acked_features));
         }
-        let queue = queues.remove(0);
         self.active = Some(ActiveState {
             mem,
             interrupt,

@@ -191,10 +191,7 @@ impl VirtioDevice for Rng {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
+        let [queue] = crate::virtio::exact_queues(queues)?;
         self.active = Some(Active {
             mem,
             interrupt,

@@ -336,12 +336,7 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: queues.len(),
-            });
-        }
+        let queues = Vec::from(crate::virtio::exact_queues::<3>(queues)?);
         self.active = Some(Active {
             mem,
             interrupt,
