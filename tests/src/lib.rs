@@ -383,6 +383,32 @@ while read -r cmd a b; do
 done
 "#;
 
+/// How long the memory tests wait for a guest to converge on a new size.
+pub const CONVERGE: Duration = Duration::from_secs(180);
+
+/// Boots the [`INTERACTIVE`] guest (2 vCPUs, `--memory MEMORY`, then
+/// `extra`) with an API socket in the test's work directory, and waits
+/// for the API.
+pub fn start_interactive(test: &str, memory: &str, extra: &[&str]) -> Vm {
+    require_e2e();
+    let work = work_dir(test);
+    let initrd = initramfs(&work, INTERACTIVE);
+    let mut list = guest_args("vmlinux", &initrd, &["--cpus", "2", "--memory", memory]);
+    list.extend(args(extra));
+    let vm = Vm::start(&list, Some(work.join("api.sock")));
+    vm.wait_api(Duration::from_secs(30));
+    vm
+}
+
+/// Waits until the [`INTERACTIVE`] guest's MemTotal satisfies `ok`;
+/// returns it.
+pub fn wait_memtotal(vm: &mut Vm, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
+    poll(what, CONVERGE, || {
+        let kib = ask_u64(vm, "mem", "MEMTOTAL_KB");
+        ok(kib).then_some(kib)
+    })
+}
+
 /// Reads a `KEY=number` answer to `command`.
 pub fn ask_u64(vm: &mut Vm, command: &str, key: &str) -> u64 {
     let v = vm.ask(command, key, Duration::from_secs(120));

@@ -8,19 +8,10 @@ use e2e::*;
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const CONVERGE: Duration = Duration::from_secs(180);
 const BOOT_MIB: u64 = 768;
 
 fn start(test: &str, memory: &str, balloon: &str) -> Vm {
-    require_e2e();
-    let work = work_dir(test);
-    let initrd = initramfs(&work, INTERACTIVE);
-    let extra = ["--cpus", "2", "--memory", memory, "--balloon", balloon];
-    let vm = Vm::start(
-        &guest_args("vmlinux", &initrd, &extra),
-        Some(work.join("api.sock")),
-    );
-    vm.wait_api(Duration::from_secs(30));
+    let vm = start_interactive(test, memory, &["--balloon", balloon]);
     vm.wait_for("READY=1", BOOT_TIMEOUT);
     vm
 }

@@ -8,7 +8,6 @@ use e2e::*;
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const CONVERGE: Duration = Duration::from_secs(180);
 
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
@@ -92,9 +91,8 @@ fn create_boot_resize_shutdown_over_the_ch_api() {
         Some(&format!(r#"{{"desired_ram": {GIB}, "desired_vcpus": 2}}"#)),
     );
     assert_eq!(status, 204, "{body}");
-    let grown = poll("MemTotal to grow by 512 MiB", CONVERGE, || {
-        let kib = ask_u64(&mut vm, "mem", "MEMTOTAL_KB");
-        (kib >= boot_kib + 512 * 1024 - 32 * 1024).then_some(kib)
+    let grown = wait_memtotal(&mut vm, "MemTotal to grow by 512 MiB", |kib| {
+        kib >= boot_kib + 512 * 1024 - 32 * 1024
     });
     assert!(grown <= boot_kib + 512 * 1024, "{boot_kib} -> {grown}");
     let actual = poll("memory_actual_size to reach 1 GiB", CONVERGE, || {

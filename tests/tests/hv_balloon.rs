@@ -7,7 +7,6 @@ use e2e::*;
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const CONVERGE: Duration = Duration::from_secs(180);
 /// Boot memory: the guest keeps a balloon floor of 104 MiB + 1/8 of its
 /// memory, so 1 GiB leaves room to balloon 512 MiB.
 const BOOT_MIB: u64 = 1024;
@@ -16,15 +15,11 @@ const PAGES_512M: u64 = 512 * MIB / 4096;
 /// Boots the interactive guest with 1 GiB + a 4 GiB hotplug region served
 /// by the Dynamic Memory device.
 fn start(test: &str, extra: &[&str]) -> Vm {
-    require_e2e();
-    let work = work_dir(test);
-    let initrd = initramfs(&work, INTERACTIVE);
-    let memory = format!("size={BOOT_MIB}M,hotplug_size=4G,hotplug_method=hv-balloon");
-    let mut list = guest_args("vmlinux", &initrd, &["--cpus", "2", "--memory", &memory]);
-    list.extend(args(extra));
-    let vm = Vm::start(&list, Some(work.join("api.sock")));
-    vm.wait_api(Duration::from_secs(30));
-    vm
+    start_interactive(
+        test,
+        &format!("size={BOOT_MIB}M,hotplug_size=4G,hotplug_method=hv-balloon"),
+        extra,
+    )
 }
 
 fn memory(vm: &Vm) -> Value {
@@ -38,14 +33,6 @@ fn put_size(vm: &Vm, bytes: u64) {
         Some(&format!(r#"{{"requested_size": {bytes}}}"#)),
     );
     assert_eq!(status, 204, "PUT /vm/memory {bytes}: {body}");
-}
-
-/// Waits until the guest's MemTotal satisfies `ok`; returns it.
-fn wait_memtotal(vm: &mut Vm, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
-    poll(what, CONVERGE, || {
-        let kib = ask_u64(vm, "mem", "MEMTOTAL_KB");
-        ok(kib).then_some(kib)
-    })
 }
 
 /// Waits until `GET /vm/memory`'s `hv_balloon` object satisfies `ok`.

@@ -7,21 +7,16 @@ use e2e::*;
 use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const CONVERGE: Duration = Duration::from_secs(180);
 const BOOT_MIB: u64 = 512;
 
 /// Boots the interactive guest with 512 MiB + a 4 GiB hotplug region;
 /// `memory_opts` are appended to `--memory`.
 fn start(test: &str, memory_opts: &str, extra: &[&str]) -> Vm {
-    require_e2e();
-    let work = work_dir(test);
-    let initrd = initramfs(&work, INTERACTIVE);
-    let memory = format!("size={BOOT_MIB}M,hotplug_size=4G{memory_opts}");
-    let mut list = guest_args("vmlinux", &initrd, &["--cpus", "2", "--memory", &memory]);
-    list.extend(args(extra));
-    let vm = Vm::start(&list, Some(work.join("api.sock")));
-    vm.wait_api(Duration::from_secs(30));
-    vm
+    start_interactive(
+        test,
+        &format!("size={BOOT_MIB}M,hotplug_size=4G{memory_opts}"),
+        extra,
+    )
 }
 
 fn memory(vm: &Vm) -> Value {
@@ -44,14 +39,6 @@ fn put_size(vm: &Vm, bytes: u64) -> (u16, String) {
         "/vm/memory",
         Some(&format!(r#"{{"requested_size": {bytes}}}"#)),
     )
-}
-
-/// Waits until the guest's MemTotal satisfies `ok`; returns it.
-fn wait_memtotal(vm: &mut Vm, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
-    poll(what, CONVERGE, || {
-        let kib = ask_u64(vm, "mem", "MEMTOTAL_KB");
-        ok(kib).then_some(kib)
-    })
 }
 
 #[test]
