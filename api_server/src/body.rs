@@ -212,6 +212,16 @@ pub(crate) fn read_body(
             }
             Ok(n) => filled += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // The socket's read timeout (tiny_http::READ_IDLE_TIMEOUT) ended a silent wait.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(Reply::error(
+                    408,
+                    format!(
+                        "request body not received: nothing arrived for {} s ({filled} of {length} bytes)",
+                        tiny_http::READ_IDLE_TIMEOUT.as_secs()
+                    ),
+                ))
+            }
             Err(e) => return Err(Reply::error(400, format!("cannot read request body: {e}"))),
         }
     }

@@ -246,7 +246,7 @@ fn stuck_readers_stay_bounded() {
     let server = f.server.as_ref().unwrap();
 
     // Clients that send part of a body, then neither send nor close: each holds a reader
-    // (tiny_http gives no way to time out its read) until it goes away.
+    // until it goes away or tiny_http::READ_IDLE_TIMEOUT (10 s) ends its read.
     let stuck: Vec<UnixStream> = (0..MAX)
         .map(|_| {
             let mut head = put_head(LONG_BODY);
@@ -419,4 +419,101 @@ fn many_clients_while_others_misbehave() {
         vec![ApiRequest::GetMemory; CLIENTS * REQUESTS_PER_CLIENT]
     );
     wait_until("every reader to end", || server.body_readers() == 0);
+}
+
+/// Reads until the server closes `stream` (a close with part of the request unread resets
+/// the connection after the answer); returns what it sent.
+fn read_to_close(stream: &mut UnixStream) -> String {
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server neither answered nor closed: {e} (got {answer:?})"),
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status line of a raw answer, or "" when there was none.
+fn status_line(answer: &str) -> &str {
+    answer.lines().next().unwrap_or("")
+}
+
+#[test]
+fn stalled_heads_and_bodies_are_cut_off() {
+    // The body deadline is far away: what ends the stalled body is tiny_http's read timeout.
+    let f = fixture("cutoff", config(Duration::from_secs(600), 4));
+    let server = f.server.as_ref().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let silent = UnixStream::connect(&f.path).unwrap();
+    let half_head = send_raw(&f.path, b"GET /vm/memory HTTP/1.1\r\nHost: x");
+    let trickled_head = send_raw(&f.path, b"GET /vm/memory HTTP/1.1\r\n");
+    let head_trickler = trickle(
+        &trickled_head,
+        Duration::from_millis(200),
+        Arc::clone(&stop),
+    );
+    let mut stalled_body = put_head(LONG_BODY);
+    stalled_body.push(b'{');
+    let stalled_body = send_raw(&f.path, &stalled_body);
+    wait_until("the stalled body to reach a reader", || {
+        server.body_readers() == 1
+    });
+    let mut huge_head = b"GET /vm/memory HTTP/1.1\r\n".to_vec();
+    huge_head.extend(std::iter::repeat_n(b"X-Padding: 0123456789abcdef\r\n", 1000).flatten());
+    let huge_head = send_raw(&f.path, &huge_head);
+    let http2 = send_raw(&f.path, b"GET /vm/memory HTTP/2.0\r\n\r\n");
+
+    // Each is answered (or, silent, closed) on its own; the others wait their turn in threads.
+    let waiters: Vec<(&str, JoinHandle<String>)> = [
+        ("silent", silent),
+        ("half head", half_head),
+        ("trickled head", trickled_head),
+        ("stalled body", stalled_body),
+        ("huge head", huge_head),
+        ("HTTP/2.0", http2),
+    ]
+    .into_iter()
+    .map(|(what, mut stream)| (what, std::thread::spawn(move || read_to_close(&mut stream))))
+    .collect();
+    // Meanwhile well-formed requests are served.
+    get_memory_ok(&f);
+
+    let answers: Vec<(&str, String)> = waiters
+        .into_iter()
+        .map(|(what, waiter)| (what, waiter.join().unwrap()))
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    head_trickler.join().unwrap();
+    for (what, answer) in &answers {
+        let expected = match *what {
+            "silent" => "",
+            "half head" | "trickled head" => "HTTP/1.1 408",
+            "stalled body" => "HTTP/1.1 408",
+            "huge head" => "HTTP/1.1 431",
+            _ => "HTTP/1.1 505",
+        };
+        let ok = if expected.is_empty() {
+            answer.is_empty()
+        } else {
+            status_line(answer).starts_with(expected)
+        };
+        assert!(ok, "{what}: expected {expected:?}, got {answer:?}");
+    }
+    let stalled = &answers[3].1;
+    assert!(
+        stalled.contains("nothing arrived for"),
+        "stalled body: {stalled}"
+    );
+    // The stalled body's reader is free again, nothing reached the VMM but the GET.
+    wait_until("the reader to end", || server.body_readers() == 0);
+    assert_eq!(*f.seen.lock().unwrap(), vec![ApiRequest::GetMemory]);
+    get_memory_ok(&f);
 }

@@ -6,8 +6,10 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use crate::common::{HTTPVersion, Method};
+use crate::connection::Connection;
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
@@ -34,7 +36,27 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // tidevm patch: a handle on the socket to set read timeouts through (None: no deadlines)
+    read_deadlines: Option<Connection>,
+
+    // tidevm patch: bytes of the request head being read, and when it must be complete
+    head_bytes: usize,
+    head_deadline: Option<Instant>,
 }
+
+/// tidevm patch: the longest a connection may wait for the first byte of a request, and the
+/// longest any read of a request body may block. A connection idle that long is closed.
+pub const READ_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// tidevm patch: a request head (request line and headers, and a body of up to 1 KiB that
+/// tiny_http reads with it) must be complete this long after its first byte arrived, or the
+/// client gets 408 and the connection is closed.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// tidevm patch: the largest request head accepted; a larger one gets 431 and the connection
+/// is closed.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// Error that can happen when reading a request.
 #[derive(Debug)]
@@ -44,6 +66,13 @@ enum ReadError {
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
+    /// tidevm patch: the head is over MAX_HEAD_BYTES
+    HeadTooLarge,
+}
+
+/// tidevm patch: whether a read failed because its socket timeout or the head's deadline passed.
+fn is_timeout(err: &IoError) -> bool {
+    matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock)
 }
 
 impl ClientConnection {
@@ -65,6 +94,29 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            read_deadlines: None,
+            head_bytes: 0,
+            head_deadline: None,
+        }
+    }
+
+    /// tidevm patch: bound every read on this connection through `socket`, a handle on the same
+    /// socket: [`READ_IDLE_TIMEOUT`] for waiting on a request and for each body read,
+    /// [`HEAD_TIMEOUT`] for a whole request head. `None` leaves reads unbounded, as upstream.
+    pub(crate) fn with_read_deadlines(mut self, socket: Option<Connection>) -> Self {
+        if let Some(socket) = socket {
+            if socket.set_read_timeout(Some(READ_IDLE_TIMEOUT)).is_ok() {
+                self.read_deadlines = Some(socket);
+            }
+        }
+        self
+    }
+
+    /// tidevm patch: sets the socket's read timeout (when deadlines are on).
+    fn set_read_timeout(&self, timeout: Duration) -> IoResult<()> {
+        match &self.read_deadlines {
+            Some(socket) => socket.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))),
+            None => Ok(()),
         }
     }
 
@@ -81,6 +133,11 @@ impl ClientConnection {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
+        // tidevm patch: what is left of the head's time bounds each wait for its next bytes.
+        if let Some(deadline) = self.head_deadline {
+            self.set_read_timeout(deadline.saturating_duration_since(Instant::now()))?;
+        }
+
         loop {
             let byte = self.next_header_source.by_ref().bytes().next();
 
@@ -88,6 +145,22 @@ impl ClientConnection {
                 Some(b) => b?,
                 None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
             };
+
+            // tidevm patch: the head's size limit and deadline, which start with its first byte.
+            self.head_bytes += 1;
+            if self.head_bytes > MAX_HEAD_BYTES {
+                return Err(IoError::new(ErrorKind::InvalidData, "request head too large"));
+            }
+            if self.read_deadlines.is_some() {
+                let now = Instant::now();
+                match self.head_deadline {
+                    None => self.head_deadline = Some(now + HEAD_TIMEOUT),
+                    Some(deadline) if now > deadline => {
+                        return Err(IoError::new(ErrorKind::TimedOut, "request head too slow"))
+                    }
+                    Some(_) => {}
+                }
+            }
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
@@ -104,10 +177,23 @@ impl ClientConnection {
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        // tidevm patch: a new head, with its own size and time limits.
+        self.head_bytes = 0;
+        self.head_deadline = None;
+        let request = self.read_head_and_request();
+        self.head_deadline = None;
+        if self.set_read_timeout(READ_IDLE_TIMEOUT).is_err() {
+            // The socket is gone; the next read will say so.
+        }
+        request
+    }
+
+    /// Reads a request head (the upstream `read`).
+    fn read_head_and_request(&mut self) -> Result<Request, ReadError> {
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self.read_next_line().map_err(head_error)?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -118,7 +204,7 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self.read_next_line().map_err(head_error)?;
 
                     if line.is_empty() {
                         break;
@@ -185,6 +271,21 @@ impl Iterator for ClientConnection {
 
         loop {
             let rq = match self.read() {
+                // tidevm patch: an idle connection is closed silently; a head too large or too
+                // slow is answered before closing.
+                Err(ReadError::ReadIoError(ref err)) if is_timeout(err) && self.head_bytes == 0 => {
+                    return None;
+                }
+
+                Err(ReadError::HeadTooLarge) => {
+                    let writer = self.sink.next().unwrap();
+                    let response = Response::new_empty(StatusCode(431));
+                    response
+                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                        .ok();
+                    return None;
+                }
+
                 Err(ReadError::WrongRequestLine) => {
                     let writer = self.sink.next().unwrap();
                     let response = Response::new_empty(StatusCode(400));
@@ -203,7 +304,7 @@ impl Iterator for ClientConnection {
                                  // se we have to close
                 }
 
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
+                Err(ReadError::ReadIoError(ref err)) if is_timeout(err) => {
                     // request timeout
                     let writer = self.sink.next().unwrap();
                     let response = Response::new_empty(StatusCode(408));
@@ -227,15 +328,17 @@ impl Iterator for ClientConnection {
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
+                // tidevm patch: answer through the request's own writer, then close. Upstream
+                // took the next writer, which waits for this request's to be released, while
+                // this request was still held: the answer never came.
+                let mut rq = rq;
+                rq.answer_as_http_1_1();
                 let response = Response::from_string(
                     "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
                 )
                 .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+                rq.respond(response).ok();
+                return None;
             }
 
             // updating the status of the connection
@@ -262,6 +365,15 @@ impl Iterator for ClientConnection {
             // returning the request
             return Some(rq);
         }
+    }
+}
+
+/// tidevm patch: an error reading a head line, with the size limit told apart.
+fn head_error(err: IoError) -> ReadError {
+    if err.kind() == ErrorKind::InvalidData && err.to_string() == "request head too large" {
+        ReadError::HeadTooLarge
+    } else {
+        ReadError::ReadIoError(err)
     }
 }
 

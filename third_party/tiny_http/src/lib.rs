@@ -117,6 +117,8 @@ pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
 
 mod client;
+/// tidevm patch: the limits on reading requests.
+pub use client::{HEAD_TIMEOUT, MAX_HEAD_BYTES, READ_IDLE_TIMEOUT};
 mod common;
 mod connection;
 mod request;
@@ -294,6 +296,8 @@ impl Server {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        // tidevm patch: a handle on the socket for read deadlines.
+                        let timeouts = sock.try_clone().ok();
                         let (read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -311,7 +315,8 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        Ok(ClientConnection::new(write_closable, read_closable)
+                            .with_read_deadlines(timeouts))
                     }
                     Err(e) => Err(e),
                 };

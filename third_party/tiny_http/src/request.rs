@@ -485,6 +485,14 @@ impl fmt::Debug for Request {
     }
 }
 
+impl Request {
+    /// tidevm patch: answer in HTTP/1.1 a request that claimed a version this server does not
+    /// speak.
+    pub(crate) fn answer_as_http_1_1(&mut self) {
+        self.http_version = HTTPVersion(1, 1);
+    }
+}
+
 impl Drop for Request {
     fn drop(&mut self) {
         if self.response_writer.is_some() {

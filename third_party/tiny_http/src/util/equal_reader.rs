@@ -69,8 +69,20 @@ where
         // whole unread remainder of the client's declared Content-Length
         // here, so one request announcing a huge body aborted the process.
         let mut buf = [0u8; 4096];
+        // tidevm patch: and give up after a while; the connection is then out of step and its
+        // next head fails to parse, which closes it.
+        let give_up = std::time::Instant::now() + crate::READ_IDLE_TIMEOUT;
 
         while remaining_to_read > 0 {
+            if std::time::Instant::now() > give_up {
+                self.last_read_signal
+                    .send(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "unread request body not drained in time",
+                    )))
+                    .ok();
+                break;
+            }
             let want = remaining_to_read.min(buf.len());
 
             match self.reader.read(&mut buf[..want]) {
