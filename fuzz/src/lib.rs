@@ -85,8 +85,13 @@ mod corpus {
             assert!(!seeds.is_empty(), "{} has no seeds", t.name);
             let d = dir(t.name);
             if write {
-                let _ = std::fs::remove_dir_all(&d);
+                // Only the seeds are rewritten; committed crash reproducers stay.
                 std::fs::create_dir_all(&d).expect("corpus dir");
+                for entry in std::fs::read_dir(&d).expect("corpus dir").flatten() {
+                    if entry.file_name().to_string_lossy().starts_with("seed-") {
+                        std::fs::remove_file(entry.path()).expect("remove old seed");
+                    }
+                }
             }
             for (i, seed) in seeds.iter().enumerate() {
                 let path = d.join(format!("seed-{i:02}"));
