@@ -174,11 +174,14 @@ impl Vm {
                 return (i, l.clone());
             }
             let now = Instant::now();
-            assert!(
-                now < deadline,
-                "timed out after {timeout:?} waiting for console line '{needle}'; stderr:\n{}",
-                self.stderr.lock().unwrap().join("\n")
-            );
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "timed out after {timeout:?} waiting for console line '{needle}'; stderr:\n{}\n{}",
+                    self.stderr(),
+                    self.hang_report()
+                );
+            }
             lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
         }
     }
@@ -217,6 +220,47 @@ impl Vm {
         let from = self.line_count();
         self.send(command);
         self.value_from(from, key, timeout).1
+    }
+
+    /// What tidevm is doing, for a test that timed out waiting on the
+    /// guest: each thread's name, scheduler state, kernel wait channel and
+    /// current system call (from /proc), and the device counters when the
+    /// API answers. Tells a guest that is slow from a VMM that is stuck.
+    pub fn hang_report(&self) -> String {
+        let pid = self.child.id();
+        let mut out = format!("tidevm (pid {pid}) threads: name state wchan syscall\n");
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for task in tasks {
+            let read = |f: &str| {
+                std::fs::read_to_string(task.join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            let stat = read("stat");
+            // The state follows the parenthesised name, which may hold spaces.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            let syscall = read("syscall");
+            let nr = syscall.split_whitespace().next().unwrap_or("?");
+            out += &format!("  {} {state} {} {nr}\n", read("comm"), read("wchan"));
+        }
+        if let Some(sock) = &self.api_socket {
+            match client::request(sock, "GET", "/vm/counters", None) {
+                Ok((status, body)) => out += &format!("GET /vm/counters -> {status}: {body}\n"),
+                Err(e) => out += &format!("GET /vm/counters failed: {e}\n"),
+            }
+        }
+        out
     }
 
     /// Everything tidevm wrote to stderr so far.
@@ -407,6 +451,20 @@ pub fn wait_memtotal(vm: &mut Vm, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
         let kib = ask_u64(vm, "mem", "MEMTOTAL_KB");
         ok(kib).then_some(kib)
     })
+}
+
+/// Has the [`INTERACTIVE`] guest write `mib` MiB of a tmpfs file `name`
+/// (pages it has likely never touched); returns the size it reports.
+///
+/// Touching memory for the first time is the slowest thing a guest does in
+/// the nested harness (each page faults through two levels of emulated
+/// nested paging: 2 to 5 MiB/s has been seen), so the hang guard grows
+/// with the size instead of being one fixed timeout.
+pub fn fill(vm: &mut Vm, name: &str, mib: u64) -> u64 {
+    let guard = Duration::from_secs(120 + mib);
+    let v = vm.ask(&format!("fill {name} {mib}"), "FILLED", guard);
+    v.parse()
+        .unwrap_or_else(|_| panic!("FILLED={v} is not a number"))
 }
 
 /// Reads a `KEY=number` answer to `command`.

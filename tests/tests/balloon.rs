@@ -48,7 +48,7 @@ fn inflating_takes_memory_from_the_guest_and_gives_it_to_the_host() {
 
     // The guest dirties most of its memory, then frees it: the host keeps
     // those pages resident until something gives them back.
-    assert_eq!(ask_u64(&mut vm, "fill dirt 550", "FILLED"), 550);
+    assert_eq!(fill(&mut vm, "dirt", 550), 550);
     vm.ask("drop dirt", "DROPPED", CONVERGE);
     let rss_dirty = vm.rss();
 
@@ -85,7 +85,7 @@ fn inflating_takes_memory_from_the_guest_and_gives_it_to_the_host() {
         "deflating gives MemTotal back"
     );
     // The returned pages work.
-    assert_eq!(ask_u64(&mut vm, "fill again 300", "FILLED"), 300);
+    assert_eq!(fill(&mut vm, "again", 300), 300);
 
     // Bad balloon requests change nothing.
     let before = balloon(&vm);
@@ -124,7 +124,7 @@ fn statistics_arrive_and_follow_guest_allocations() {
     );
     let first_update = stats["last_update_ms"].as_u64().unwrap();
 
-    assert_eq!(ask_u64(&mut vm, "fill stats 300", "FILLED"), 300);
+    assert_eq!(fill(&mut vm, "stats", 300), 300);
     let after = poll(
         "statistics to show 300 MiB less free memory",
         CONVERGE,
@@ -157,7 +157,7 @@ fn free_page_reporting_returns_freed_memory_without_an_api_call() {
         &format!("{BOOT_MIB}M"),
         "size=0,free_page_reporting=on",
     );
-    assert_eq!(ask_u64(&mut vm, "fill big 500", "FILLED"), 500);
+    assert_eq!(fill(&mut vm, "big", 500), 500);
     // Let any reporting of boot-time free memory settle first.
     std::thread::sleep(Duration::from_secs(5));
     let rss_full = vm.rss();
@@ -172,7 +172,7 @@ fn free_page_reporting_returns_freed_memory_without_an_api_call() {
     );
     eprintln!("RSS {} MiB -> {} MiB", rss_full / MIB, rss_low / MIB);
     // The reported pages come back when the guest uses them again.
-    assert_eq!(ask_u64(&mut vm, "fill again 400", "FILLED"), 400);
+    assert_eq!(fill(&mut vm, "again", 400), 400);
     power_off(vm);
 }
 

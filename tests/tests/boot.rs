@@ -159,7 +159,11 @@ sleep 3600
     let disk_arg = format!("path={}", disk.display());
     let extra = ["--memory", "1G", "--disk", disk_arg.as_str()];
     let mut vm = Vm::start(&guest_args("vmlinux", &initrd, &extra), None);
-    let sum = vm.value_from(0, "WRITTEN", BOOT_TIMEOUT).1;
+    // Boot, then first touches of the tmpfs file and of the page cache
+    // behind the disk writes: a hang guard that grows with the size, like
+    // `fill`'s.
+    let guard = BOOT_TIMEOUT + Duration::from_secs(2 * MIB_WRITTEN);
+    let sum = vm.value_from(0, "WRITTEN", guard).1;
     let status = vm.kill();
     assert_eq!(status.code(), None, "tidevm died of the signal");
     let out = std::process::Command::new("sh")

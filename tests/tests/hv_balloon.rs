@@ -96,7 +96,7 @@ fn balloon_unballoon_hot_add_and_reload_against_hv_balloon() {
     // Touch the guest's free memory, so that RSS shows what ballooning
     // gives back.
     let boot_kib = ask_u64(&mut vm, "mem", "MEMTOTAL_KB");
-    assert_eq!(ask_u64(&mut vm, "fill warm 700", "FILLED"), 700);
+    assert_eq!(fill(&mut vm, "warm", 700), 700);
     vm.ask("drop warm", "DROPPED", CONVERGE);
     let rss_full = vm.rss();
 
@@ -167,7 +167,7 @@ fn balloon_unballoon_hot_add_and_reload_against_hv_balloon() {
 
     // Shrinking after a hot-add balloons from anywhere (hot-added memory
     // is in a kernel zone, where hv_balloon allocates), and RSS falls.
-    assert_eq!(ask_u64(&mut vm, "fill warm 1000", "FILLED"), 1000);
+    assert_eq!(fill(&mut vm, "warm", 1000), 1000);
     vm.ask("drop warm", "DROPPED", CONVERGE);
     let rss_full = vm.rss();
     put_size(&vm, boot + GIB - 512 * MIB);

@@ -56,7 +56,7 @@ fn plug_one_gib_then_unplug_it_back_to_boot_size() {
     // Touch boot memory once, so that migrating pages into it later costs
     // the host nothing and RSS shows only what unplugging gives back.
     let boot_kib = ask_u64(&mut vm, "mem", "MEMTOTAL_KB");
-    assert_eq!(ask_u64(&mut vm, "fill warm 200", "FILLED"), 200);
+    assert_eq!(fill(&mut vm, "warm", 200), 200);
     vm.ask("drop warm", "DROPPED", CONVERGE);
 
     // Grow by 1 GiB.
@@ -98,8 +98,8 @@ fn plug_one_gib_then_unplug_it_back_to_boot_size() {
 
     // The guest uses it: 256 MiB kept, 512 MiB touched and freed again.
     let rss_plugged = vm.rss();
-    assert_eq!(ask_u64(&mut vm, "fill keep 256", "FILLED"), 256);
-    assert_eq!(ask_u64(&mut vm, "fill scratch 512", "FILLED"), 512);
+    assert_eq!(fill(&mut vm, "keep", 256), 256);
+    assert_eq!(fill(&mut vm, "scratch", 512), 512);
     vm.ask("drop scratch", "DROPPED", CONVERGE);
     let rss_used = vm.rss();
     assert!(
@@ -138,7 +138,7 @@ fn plug_one_gib_then_unplug_it_back_to_boot_size() {
         rss_after / MIB
     );
     // The guest still has its data.
-    assert_eq!(ask_u64(&mut vm, "fill check 1", "FILLED"), 1);
+    assert_eq!(fill(&mut vm, "check", 1), 1);
 
     let (status, _) = vm.api("PUT", "/vm/power-off", None);
     assert_eq!(status, 204);
