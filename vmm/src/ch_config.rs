@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use api_server::ch::{
-    ChBalloonConfig, ChConsoleConfig, ChCpusConfig, ChDiskConfig, ChMemoryConfig,
-    ChPayloadConfig, ChRngConfig, ChVmConfig, ChVsockConfig, OtherFields,
+    ChBalloonConfig, ChConsoleConfig, ChCpusConfig, ChDiskConfig, ChMemoryConfig, ChPayloadConfig,
+    ChRngConfig, ChVmConfig, ChVsockConfig, OtherFields,
 };
 use serde_json::Value;
 
@@ -128,8 +128,13 @@ pub fn ch_config_to_vm_config(ch: &ChVmConfig) -> Result<VmConfig> {
             ),
         ));
     }
+    let kernel = file("payload.kernel", kernel)?;
+    std::fs::File::open(&kernel)
+        .map_err(|e| e.to_string())
+        .and_then(|mut f| arch::kernel::check_kernel_format(&mut f).map_err(|e| e.to_string()))
+        .map_err(|e| invalid("payload.kernel", e))?;
     Ok(VmConfig {
-        kernel: file("payload.kernel", kernel)?,
+        kernel,
         initrd: ch
             .payload
             .initramfs
@@ -186,6 +191,17 @@ pub fn map_vsock(v: &ChVsockConfig) -> Result<VsockConfig> {
     }
     if v.socket.is_empty() {
         return Err(invalid("vsock.socket", "must be a path"));
+    }
+    // tidevm listens there at vm.boot: a missing directory is the request's
+    // fault, better said now than as a failed boot.
+    let socket = std::path::Path::new(&v.socket);
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(invalid(
+                "vsock.socket",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
     }
     Ok(VsockConfig {
         cid: v.cid,
@@ -555,17 +571,23 @@ mod tests {
         assert_eq!(back, expected);
 
         // Without a hotplug region, no method; serial off.
-        let crate::config::Command::Run(cli) = crate::config::parse_args(
-            ["--kernel", &k, "--serial", "off"].map(String::from),
-        )
-        .unwrap() else {
+        let crate::config::Command::Run(cli) =
+            crate::config::parse_args(["--kernel", &k, "--serial", "off"].map(String::from))
+                .unwrap()
+        else {
             panic!("not a VM")
         };
         let value = serde_json::to_value(vm_config_to_ch(&cli)).unwrap();
-        assert_eq!(value["memory"], j!({"size": 536870912u64, "shared": false, "hugepages": false, "prefault": false}));
+        assert_eq!(
+            value["memory"],
+            j!({"size": 536870912u64, "shared": false, "hugepages": false, "prefault": false})
+        );
         assert_eq!(value["serial"], j!({"mode": "Off"}));
         assert!(value.get("disks").is_none() && value.get("balloon").is_none());
-        assert_eq!(ch_config_to_vm_config(&ch(value)).unwrap().memory, cli.memory);
+        assert_eq!(
+            ch_config_to_vm_config(&ch(value)).unwrap().memory,
+            cli.memory
+        );
     }
 
     #[test]
@@ -594,8 +616,15 @@ mod tests {
         let dir_err = with(j!({"rng": {"src": dir.to_str().unwrap()}}));
         let _ = std::fs::remove_dir_all(&dir);
         let e = e.unwrap_err();
-        assert!(matches!(&e, ChConfigError::Invalid { field, .. } if field == "rng.src"), "{e}");
-        assert!(e.to_string().contains("not a regular file or a character device"), "{e}");
+        assert!(
+            matches!(&e, ChConfigError::Invalid { field, .. } if field == "rng.src"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("not a regular file or a character device"),
+            "{e}"
+        );
         assert!(matches!(dir_err, Err(ChConfigError::Invalid { field, .. }) if field == "rng.src"));
     }
 
@@ -680,6 +709,23 @@ mod tests {
         assert_eq!(
             refused_field(j!({"vsock": {"cid": 2, "socket": "/s"}})),
             "vsock.cid"
+        );
+        let e = with(j!({"vsock": {"cid": 3, "socket": "/nonexistent/dir/v.sock"}})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vsock.socket: /nonexistent/dir is not a directory"
+        );
+        // A relative socket is in tidevm's working directory.
+        assert!(with(j!({"vsock": {"cid": 3, "socket": "v.sock"}})).is_ok());
+        // A readable file that is no kernel is refused at vm.create, not at vm.boot.
+        let junk = std::env::temp_dir().join(format!("tidevm-ch-junk-{}", std::process::id()));
+        std::fs::write(&junk, b"not a kernel, not even close").unwrap();
+        let e = with(j!({"payload": {"kernel": junk.to_str().unwrap()}}));
+        let _ = std::fs::remove_file(&junk);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.starts_with("payload.kernel: the kernel image is neither an ELF"),
+            "{e}"
         );
         assert_eq!(
             refused_field(j!({"rng": {"src": "/nonexistent"}})),

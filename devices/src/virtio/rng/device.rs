@@ -263,7 +263,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let err = result.unwrap_err();
         assert!(matches!(err, RngError::NotFileOrCharDevice(_)), "{err}");
-        assert!(err.to_string().contains("not a regular file or a character device"));
+        assert!(err
+            .to_string()
+            .contains("not a regular file or a character device"));
         let file = dir.join("gone");
         assert!(matches!(open_source(&file), Err(RngError::Open { .. })));
     }
