@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::server::{parse_body, Reply};
@@ -16,34 +16,77 @@ use crate::server::{parse_body, Reply};
 /// Fields of a Cloud Hypervisor object that tidevm does not model, by name.
 pub type OtherFields = BTreeMap<String, Value>;
 
+/// Reads an optional field that may be left out but not be `null`: each has
+/// a type in the spec, and `null` is none of them (serde alone would take
+/// `null` as absent, accepting a request the spec calls invalid).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 /// A Cloud Hypervisor `VmConfig` (the body of `vm.create`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChVmConfig {
     /// vCPUs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cpus: Option<ChCpusConfig>,
     /// Guest memory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub memory: Option<ChMemoryConfig>,
     /// What to boot.
     pub payload: ChPayloadConfig,
     /// Block devices.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub disks: Option<Vec<ChDiskConfig>>,
     /// Entropy device.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub rng: Option<ChRngConfig>,
     /// Balloon device.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub balloon: Option<ChBalloonConfig>,
     /// vsock device.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub vsock: Option<ChVsockConfig>,
     /// Legacy serial port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub serial: Option<ChConsoleConfig>,
     /// virtio-console.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub console: Option<ChConsoleConfig>,
     /// Every other field (net, fs, pmem, devices, numa, ...).
     #[serde(flatten)]
@@ -54,13 +97,25 @@ pub struct ChVmConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChPayloadConfig {
     /// Kernel image path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub kernel: Option<String>,
     /// Kernel command line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cmdline: Option<String>,
     /// Initramfs path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub initramfs: Option<String>,
     /// Other fields (firmware, igvm, host_data).
     #[serde(flatten)]
@@ -73,10 +128,18 @@ pub struct ChCpusConfig {
     /// vCPUs at boot.
     pub boot_vcpus: u64,
     /// Most vCPUs (tidevm has no vCPU hotplug: must equal `boot_vcpus`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_vcpus: Option<u64>,
     /// CPU topology.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub topology: Option<ChCpuTopology>,
     /// Other fields (kvm_hyperv, affinity, features, ...).
     #[serde(flatten)]
@@ -87,16 +150,32 @@ pub struct ChCpusConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChCpuTopology {
     /// Threads per core.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub threads_per_core: Option<u64>,
     /// Cores per die.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cores_per_die: Option<u64>,
     /// Dies per package.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub dies_per_package: Option<u64>,
     /// Packages (sockets).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub packages: Option<u64>,
 }
 
@@ -106,22 +185,46 @@ pub struct ChMemoryConfig {
     /// Boot memory.
     pub size: u64,
     /// Hotpluggable memory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hotplug_size: Option<u64>,
     /// Memory plugged at boot.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hotplugged_size: Option<u64>,
     /// `"Acpi"` (Cloud Hypervisor's default) or `"VirtioMem"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hotplug_method: Option<String>,
     /// Shared (memfd) backing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub shared: Option<bool>,
     /// hugetlb backing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hugepages: Option<bool>,
     /// Populate memory at start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub prefault: Option<bool>,
     /// Other fields (mergeable, thp, zones, ...).
     #[serde(flatten)]
@@ -132,10 +235,18 @@ pub struct ChMemoryConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChDiskConfig {
     /// Backing file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub path: Option<String>,
     /// Read-only disk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub readonly: Option<bool>,
     /// Other fields (direct, vhost_user, rate limits, ...).
     #[serde(flatten)]
@@ -158,10 +269,18 @@ pub struct ChBalloonConfig {
     /// Initial balloon size, in bytes.
     pub size: u64,
     /// Deflate under guest memory pressure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub deflate_on_oom: Option<bool>,
     /// Free page reporting.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub free_page_reporting: Option<bool>,
     /// Other fields.
     #[serde(flatten)]
@@ -186,7 +305,11 @@ pub struct ChConsoleConfig {
     /// `Off`, `Pty`, `Tty`, `File`, `Socket` or `Null`.
     pub mode: String,
     /// Output file, with mode `File`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub file: Option<String>,
     /// Other fields.
     #[serde(flatten)]
@@ -198,13 +321,25 @@ pub struct ChConsoleConfig {
 #[serde(deny_unknown_fields)]
 pub struct ChVmResize {
     /// vCPUs wanted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub desired_vcpus: Option<u64>,
     /// Guest memory wanted, in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub desired_ram: Option<u64>,
     /// Balloon size wanted, in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub desired_balloon: Option<u64>,
 }
 
@@ -229,7 +364,11 @@ pub struct ChVmInfo {
     /// `Created`, `Running` or `Shutdown`.
     pub state: String,
     /// Guest memory now, in bytes: boot + plugged - ballooned.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub memory_actual_size: Option<u64>,
 }
 
@@ -401,5 +540,26 @@ mod tests {
         assert_eq!(r.status, 400);
         let r = parse("PUT", "vm.resize", r#"{"desired_cpus": 1}"#).unwrap_err();
         assert!(r.body.unwrap().contains("unknown field"));
+        // A field may be left out, but not be null.
+        let r = parse(
+            "PUT",
+            "vm.resize",
+            r#"{"desired_ram": null, "desired_vcpus": 1}"#,
+        )
+        .unwrap_err();
+        assert_eq!(r.status, 400);
+        assert!(r.body.unwrap().contains("invalid type: null"));
+        for body in [
+            r#"{"payload": {"kernel": null}}"#,
+            r#"{"payload": {}, "cpus": null}"#,
+            r#"{"payload": {}, "memory": {"size": 536870912, "hotplug_size": null}}"#,
+            r#"{"payload": {}, "disks": [{"path": "/d", "readonly": null}]}"#,
+        ] {
+            let r = parse("PUT", "vm.create", body).unwrap_err();
+            assert_eq!(r.status, 400, "{body}");
+            assert!(r.body.unwrap().contains("invalid type: null"), "{body}");
+        }
+        // Null stays accepted for fields tidevm does not model (as empty).
+        assert!(parse("PUT", "vm.create", r#"{"payload": {}, "net": null}"#).is_ok());
     }
 }

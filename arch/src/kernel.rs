@@ -128,6 +128,13 @@ fn detect_format(kernel: &mut File) -> Result<Format> {
     }
 }
 
+/// Checks that `kernel` starts like an ELF `vmlinux` or a bzImage (the
+/// checks [`load_kernel`] starts with), without loading it: lets a VM's
+/// configuration be refused before anything is built.
+pub fn check_kernel_format(kernel: &mut File) -> Result<()> {
+    detect_format(kernel).map(|_| ())
+}
+
 /// Loads an ELF `vmlinux` or a bzImage into guest memory.
 ///
 /// ELF: segments go to their physical addresses, the entry is `e_entry`.

@@ -6,7 +6,7 @@ use api_server::ch::{ChRequest, ChVmInfo, ChVmResize, ChVmmPingResponse, ChVsock
 use api_server::{ApiRequest, ApiResponse};
 use serde_json::Value;
 
-use crate::ch_config::{ch_config_to_vm_config, map_vsock};
+use crate::ch_config::{ch_config_to_vm_config, map_vsock, vm_config_to_ch};
 use crate::config::VmConfig;
 use crate::vmm::{ExitReason, Vmm, VmmAction};
 
@@ -18,6 +18,11 @@ pub fn ping() -> ApiResponse {
         pid: i64::from(std::process::id()),
         features: Vec::new(),
     })
+}
+
+/// A VM from the command line as a Cloud Hypervisor `VmConfig`, for `vm.info`.
+fn ch_value(config: &VmConfig) -> Value {
+    serde_json::to_value(vm_config_to_ch(config)).unwrap_or_default()
 }
 
 fn not_created() -> ApiResponse {
@@ -74,7 +79,7 @@ impl Vmm {
         let config = self
             .ch_config
             .clone()
-            .unwrap_or_else(|| serde_json::to_value(&self.config).unwrap_or_default());
+            .unwrap_or_else(|| ch_value(&self.config));
         ApiResponse::ok(&ChVmInfo {
             config,
             state: "Running".to_string(),
@@ -205,7 +210,7 @@ impl IdleVmm {
             ChRequest::VmInfo => {
                 let (config, echo) = self.vm.as_ref().expect("checked above");
                 let config = if echo.is_null() {
-                    serde_json::to_value(config).unwrap_or_default()
+                    ch_value(config)
                 } else {
                     echo.clone()
                 };
@@ -226,7 +231,20 @@ impl IdleVmm {
                 409,
                 "the VM is not running: resize it after vm.boot",
             )),
-            _ => wait(ApiResponse::error(405, "the VM is not booted")),
+            // vm.shutdown, vm.reboot and vm.power-button: a state conflict,
+            // not a method the endpoint lacks (405 promises an Allow header).
+            request => {
+                let (_, path) = request.route();
+                let state = if self.shut_down {
+                    "Shutdown"
+                } else {
+                    "Created"
+                };
+                wait(ApiResponse::error(
+                    409,
+                    format!("{path}: the VM is not running (state {state}; boot it with PUT /api/v1/vm.boot)"),
+                ))
+            }
         }
     }
 }
@@ -280,10 +298,19 @@ mod tests {
         };
         assert_eq!(info["state"], "Created");
         assert!(info["config"]["payload"]["kernel"].is_string());
-        assert_eq!(
-            status(idle.handle(&ch(ChRequest::VmShutdown), None)),
-            Some(405)
-        );
+        for request in [
+            ChRequest::VmShutdown,
+            ChRequest::VmReboot,
+            ChRequest::VmPowerButton,
+        ] {
+            let (r, outcome) = idle.handle(&ch(request.clone()), None);
+            let Some(ApiResponse::Error { status, message }) = r else {
+                panic!("{request:?}: {r:?}")
+            };
+            assert_eq!((status, outcome), (409, IdleOutcome::Wait), "{request:?}");
+            assert!(message.contains("not running (state Created"), "{message}");
+            assert!(message.starts_with(request.route().1), "{message}");
+        }
         assert_eq!(
             status(idle.handle(&ch(ChRequest::VmResize(ChVmResize::default())), None)),
             Some(409)

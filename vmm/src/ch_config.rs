@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use api_server::ch::{
-    ChConsoleConfig, ChCpusConfig, ChMemoryConfig, ChVmConfig, ChVsockConfig, OtherFields,
+    ChBalloonConfig, ChConsoleConfig, ChCpusConfig, ChDiskConfig, ChMemoryConfig, ChPayloadConfig,
+    ChRngConfig, ChVmConfig, ChVsockConfig, OtherFields,
 };
 use serde_json::Value;
 
@@ -127,8 +128,13 @@ pub fn ch_config_to_vm_config(ch: &ChVmConfig) -> Result<VmConfig> {
             ),
         ));
     }
+    let kernel = file("payload.kernel", kernel)?;
+    std::fs::File::open(&kernel)
+        .map_err(|e| e.to_string())
+        .and_then(|mut f| arch::kernel::check_kernel_format(&mut f).map_err(|e| e.to_string()))
+        .map_err(|e| invalid("payload.kernel", e))?;
     Ok(VmConfig {
-        kernel: file("payload.kernel", kernel)?,
+        kernel,
         initrd: ch
             .payload
             .initramfs
@@ -164,9 +170,9 @@ pub fn ch_config_to_vm_config(ch: &ChVmConfig) -> Result<VmConfig> {
                 } else {
                     &r.src
                 };
-                std::fs::File::open(src)
-                    .map_err(|e| invalid("rng.src", format!("cannot open {src}: {e}")))?;
-                Ok(RngConfig { src: src.into() })
+                let src = config::entropy_source("rng", src)
+                    .map_err(|e| invalid("rng.src", e.to_string()))?;
+                Ok(RngConfig { src })
             })
             .transpose()?,
         api_socket: None,
@@ -185,6 +191,17 @@ pub fn map_vsock(v: &ChVsockConfig) -> Result<VsockConfig> {
     }
     if v.socket.is_empty() {
         return Err(invalid("vsock.socket", "must be a path"));
+    }
+    // tidevm listens there at vm.boot: a missing directory is the request's
+    // fault, better said now than as a failed boot.
+    let socket = std::path::Path::new(&v.socket);
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(invalid(
+                "vsock.socket",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
     }
     Ok(VsockConfig {
         cid: v.cid,
@@ -238,15 +255,20 @@ fn map_memory(memory: Option<&ChMemoryConfig>) -> Result<MemoryConfig> {
     };
     check_other("memory.", &m.other, &[("thp", "true")])?;
     let hotplug_size = m.hotplug_size.unwrap_or(0);
-    if hotplug_size > 0 && m.hotplug_method.as_deref() != Some("VirtioMem") {
-        return Err(unsupported(
-            "memory.hotplug_method",
-            format!(
-                "{} hotplug; only \"VirtioMem\" is",
-                m.hotplug_method.as_deref().unwrap_or("Acpi (the default)")
-            ),
-        ));
-    }
+    let method = match m.hotplug_method.as_deref() {
+        Some("HvBalloon") => "hv-balloon",
+        Some("VirtioMem") => "virtio-mem",
+        _ if hotplug_size == 0 => "virtio-mem",
+        other => {
+            return Err(unsupported(
+                "memory.hotplug_method",
+                format!(
+                    "{} hotplug; \"VirtioMem\" and \"HvBalloon\" (tidevm's) are",
+                    other.unwrap_or("Acpi (the default)")
+                ),
+            ))
+        }
+    };
     if m.hotplugged_size.unwrap_or(0) != 0 {
         return Err(unsupported(
             "memory.hotplugged_size",
@@ -255,7 +277,7 @@ fn map_memory(memory: Option<&ChMemoryConfig>) -> Result<MemoryConfig> {
     }
     let on = |b: Option<bool>| if b.unwrap_or(false) { "on" } else { "off" };
     let options = format!(
-        "size={},hotplug_size={hotplug_size},shared={},hugepages={},prefault={}",
+        "size={},hotplug_size={hotplug_size},hotplug_method={method},shared={},hugepages={},prefault={}",
         m.size,
         on(m.shared),
         on(m.hugepages),
@@ -323,6 +345,88 @@ fn map_serial(
             "serial.mode",
             format!("{mode:?}: tidevm's serial goes to Tty, File, Off or Null"),
         )),
+    }
+}
+
+/// The Cloud Hypervisor `VmConfig` of a VM defined on tidevm's command line,
+/// for `vm.info`: [`ch_config_to_vm_config`] maps it back to the same VM, but
+/// for what Cloud Hypervisor has no field for (the hotplug block and memslot
+/// sizes and the balloon statistics period, which `GET /vm/info` reports) and
+/// `--on-reboot` (a Cloud Hypervisor VM restarts).
+pub fn vm_config_to_ch(c: &VmConfig) -> ChVmConfig {
+    let path = |p: &std::path::Path| p.display().to_string();
+    let m = &c.memory;
+    let hotplug = m.hotplug_size > 0;
+    let (mode, file) = match &c.serial {
+        SerialConfig::Tty => ("Tty", None),
+        SerialConfig::File(p) => ("File", Some(path(p))),
+        SerialConfig::Off => ("Off", None),
+    };
+    ChVmConfig {
+        payload: ChPayloadConfig {
+            kernel: Some(path(&c.kernel)),
+            cmdline: Some(c.cmdline.clone()),
+            initramfs: c.initrd.as_deref().map(path),
+            other: OtherFields::new(),
+        },
+        cpus: Some(ChCpusConfig {
+            boot_vcpus: u64::from(c.cpus.boot_vcpus),
+            max_vcpus: Some(u64::from(c.cpus.boot_vcpus)),
+            topology: None,
+            other: OtherFields::new(),
+        }),
+        memory: Some(ChMemoryConfig {
+            size: m.size,
+            hotplug_size: hotplug.then_some(m.hotplug_size),
+            hotplugged_size: None,
+            hotplug_method: hotplug.then(|| {
+                match m.hotplug_method {
+                    config::HotplugMethod::VirtioMem => "VirtioMem",
+                    config::HotplugMethod::HvBalloon => "HvBalloon",
+                }
+                .to_string()
+            }),
+            shared: Some(m.shared),
+            hugepages: Some(m.hugepages),
+            prefault: Some(m.prefault),
+            other: OtherFields::new(),
+        }),
+        disks: (!c.disks.is_empty()).then(|| {
+            c.disks
+                .iter()
+                .map(|d| ChDiskConfig {
+                    path: Some(path(&d.path)),
+                    readonly: Some(d.readonly),
+                    other: OtherFields::new(),
+                })
+                .collect()
+        }),
+        rng: c.rng.as_ref().map(|r| ChRngConfig {
+            src: path(&r.src),
+            other: OtherFields::new(),
+        }),
+        balloon: c.balloon.as_ref().map(|b| ChBalloonConfig {
+            size: b.size,
+            deflate_on_oom: Some(b.deflate_on_oom),
+            free_page_reporting: Some(b.free_page_reporting),
+            other: OtherFields::new(),
+        }),
+        vsock: c.vsock.as_ref().map(|v| ChVsockConfig {
+            cid: v.cid,
+            socket: path(&v.socket),
+            other: OtherFields::new(),
+        }),
+        serial: Some(ChConsoleConfig {
+            mode: mode.to_string(),
+            file,
+            other: OtherFields::new(),
+        }),
+        console: Some(ChConsoleConfig {
+            mode: "Off".to_string(),
+            file: None,
+            other: OtherFields::new(),
+        }),
+        other: OtherFields::new(),
     }
 }
 
@@ -417,6 +521,114 @@ mod tests {
     }
 
     #[test]
+    fn a_command_line_vm_maps_to_a_ch_config_and_back() {
+        let k = exe();
+        let dir = std::env::temp_dir();
+        let args = [
+            "--kernel",
+            &k,
+            "--initrd",
+            &k,
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=256M,hotplug_size=1G,hotplug_method=hv-balloon,shared=on",
+            "--disk",
+            &format!("path={k},readonly=on"),
+            "--disk",
+            &format!("path={k}"),
+            "--serial",
+            &format!("file={}", dir.join("serial.log").display()),
+            "--balloon",
+            "size=64M,free_page_reporting=on",
+            "--vsock",
+            "cid=7,socket=/run/v.sock",
+            "--rng",
+            "src=/dev/urandom",
+            "--on-reboot",
+            "restart",
+        ];
+        let crate::config::Command::Run(cli) =
+            crate::config::parse_args(args.iter().map(|a| a.to_string())).unwrap()
+        else {
+            panic!("not a VM")
+        };
+        let value = serde_json::to_value(vm_config_to_ch(&cli)).unwrap();
+        assert_eq!(value["payload"]["kernel"], j!(k));
+        assert_eq!(value["cpus"], j!({"boot_vcpus": 2, "max_vcpus": 2}));
+        assert_eq!(value["memory"]["hotplug_method"], "HvBalloon");
+        assert_eq!(value["disks"][0], j!({"path": k, "readonly": true}));
+        assert_eq!(value["serial"]["mode"], "File");
+        assert_eq!(value["console"], j!({"mode": "Off"}));
+        // What vm.info reports, given to vm.create, is the same VM.
+        let mut back = ch_config_to_vm_config(&ch(value)).unwrap();
+        back.balloon.as_mut().unwrap().stats_period_s = 0;
+        let mut expected = *cli;
+        expected.balloon.as_mut().unwrap().stats_period_s = 0;
+        expected.api_socket = None;
+        assert_eq!(back, expected);
+
+        // Without a hotplug region, no method; serial off.
+        let crate::config::Command::Run(cli) =
+            crate::config::parse_args(["--kernel", &k, "--serial", "off"].map(String::from))
+                .unwrap()
+        else {
+            panic!("not a VM")
+        };
+        let value = serde_json::to_value(vm_config_to_ch(&cli)).unwrap();
+        assert_eq!(
+            value["memory"],
+            j!({"size": 536870912u64, "shared": false, "hugepages": false, "prefault": false})
+        );
+        assert_eq!(value["serial"], j!({"mode": "Off"}));
+        assert!(value.get("disks").is_none() && value.get("balloon").is_none());
+        assert_eq!(
+            ch_config_to_vm_config(&ch(value)).unwrap().memory,
+            cli.memory
+        );
+    }
+
+    #[test]
+    fn hv_balloon_is_a_hotplug_method() {
+        let c = with(j!({"memory": {"size": 536870912u64, "hotplug_size": 1073741824u64, "hotplug_method": "HvBalloon"}}))
+            .unwrap();
+        assert_eq!(c.memory.hotplug_method, HotplugMethod::HvBalloon);
+        assert_eq!(c.memory.hotplug_size, 1 << 30);
+        // The Dynamic Memory device needs a region to hot-add into.
+        assert_eq!(
+            refused_field(j!({"memory": {"size": 536870912u64, "hotplug_method": "HvBalloon"}})),
+            "memory"
+        );
+    }
+
+    #[test]
+    fn an_rng_source_that_could_block_is_refused() {
+        let dir = std::env::temp_dir().join(format!("tidevm-ch-rng-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Answered at once (a blocking open would wait for a writer for good).
+        let e = with(j!({"rng": {"src": fifo.to_str().unwrap()}}));
+        let dir_err = with(j!({"rng": {"src": dir.to_str().unwrap()}}));
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = e.unwrap_err();
+        assert!(
+            matches!(&e, ChConfigError::Invalid { field, .. } if field == "rng.src"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("not a regular file or a character device"),
+            "{e}"
+        );
+        assert!(matches!(dir_err, Err(ChConfigError::Invalid { field, .. }) if field == "rng.src"));
+    }
+
+    #[test]
     fn refusals_name_the_field() {
         assert_eq!(refused_field(j!({"net": [{"tap": "tap0"}]})), "net");
         assert_eq!(
@@ -497,6 +709,23 @@ mod tests {
         assert_eq!(
             refused_field(j!({"vsock": {"cid": 2, "socket": "/s"}})),
             "vsock.cid"
+        );
+        let e = with(j!({"vsock": {"cid": 3, "socket": "/nonexistent/dir/v.sock"}})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vsock.socket: /nonexistent/dir is not a directory"
+        );
+        // A relative socket is in tidevm's working directory.
+        assert!(with(j!({"vsock": {"cid": 3, "socket": "v.sock"}})).is_ok());
+        // A readable file that is no kernel is refused at vm.create, not at vm.boot.
+        let junk = std::env::temp_dir().join(format!("tidevm-ch-junk-{}", std::process::id()));
+        std::fs::write(&junk, b"not a kernel, not even close").unwrap();
+        let e = with(j!({"payload": {"kernel": junk.to_str().unwrap()}}));
+        let _ = std::fs::remove_file(&junk);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.starts_with("payload.kernel: the kernel image is neither an ELF"),
+            "{e}"
         );
         assert_eq!(
             refused_field(j!({"rng": {"src": "/nonexistent"}})),

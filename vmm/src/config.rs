@@ -631,13 +631,27 @@ fn parse_rng(input: &str) -> Result<RngConfig> {
         .string("src")
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "/dev/urandom".to_string());
-    let err = |reason: String| ConfigError::File {
-        flag: "--rng",
-        path: src.clone(),
-        reason,
+    let src = entropy_source("--rng", &src)?;
+    Ok(RngConfig { src })
+}
+
+/// Checks that `path` can feed a virtio-rng device: a regular file or a
+/// character device, opened without blocking (a FIFO would hang tidevm).
+pub(crate) fn entropy_source(flag: &'static str, path: &str) -> Result<PathBuf> {
+    use devices::virtio::rng::{open_source, RngError};
+    let reason = match open_source(std::path::Path::new(path)) {
+        Ok(_) => return Ok(PathBuf::from(path)),
+        Err(RngError::Open { source, .. }) => source.to_string(),
+        Err(RngError::NotFileOrCharDevice(_)) => {
+            "not a regular file or a character device".to_string()
+        }
+        Err(e) => e.to_string(),
     };
-    std::fs::File::open(&src).map_err(|e| err(e.to_string()))?;
-    Ok(RngConfig { src: src.into() })
+    Err(ConfigError::File {
+        flag,
+        path: path.to_string(),
+        reason,
+    })
 }
 
 /// The host page size.
@@ -769,6 +783,10 @@ mod tests {
         assert!(err(&["--kernel", k, "--vsock", "cid=3"]).contains("--vsock socket needs a value"));
         assert!(err(&["--kernel", k, "--vsock", "socket=/x"]).contains("--vsock cid needs a value"));
         assert!(err(&["--kernel", k, "--rng", "src=/nonexistent"]).contains("cannot open"));
+        assert_eq!(
+            err(&["--kernel", k, "--rng", "src=/"]),
+            "--rng: cannot open '/': not a regular file or a character device"
+        );
         assert!(err(&["--kernel", k, "--rng", "seed=1"]).contains("unknown option 'seed'"));
     }
 

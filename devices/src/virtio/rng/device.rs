@@ -1,8 +1,10 @@
 //! The [`Rng`] device model: every request chain gets random bytes in its
 //! device-writable buffers, up to [`MAX_REQUEST_BYTES`].
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,9 +29,42 @@ pub enum RngError {
         #[source]
         source: std::io::Error,
     },
+    /// The source is neither a regular file nor a character device (a FIFO,
+    /// a socket or a directory): reading it could block the VMM for good.
+    #[error("the entropy source {0:?} is not a regular file or a character device")]
+    NotFileOrCharDevice(PathBuf),
     /// The queue eventfd cannot be created.
     #[error("cannot create the virtio-rng queue eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+}
+
+/// Opens an entropy source for reading: a regular file or a character device
+/// such as `/dev/urandom`, anything else is refused. The open never blocks:
+/// a FIFO without a writer would hold `open(2)`, and with it the VMM thread,
+/// until one came.
+pub fn open_source(path: &Path) -> Result<File, RngError> {
+    let open_err = |source| RngError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(open_err)?;
+    let kind = file.metadata().map_err(open_err)?.file_type();
+    if !(kind.is_file() || kind.is_char_device()) {
+        return Err(RngError::NotFileOrCharDevice(path.to_owned()));
+    }
+    // Reads behave as with a plain open: a source like /dev/random may wait.
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor `file` owns; no pointers.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: F_SETFL on a descriptor `file` owns, with an integer argument.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(open_err(std::io::Error::last_os_error()));
+    }
+    Ok(file)
 }
 
 /// Counters of the entropy device.
@@ -73,10 +108,7 @@ impl std::fmt::Debug for Rng {
 impl Rng {
     /// A device giving the guest bytes read from `source`.
     pub fn new(source: &Path) -> Result<Self, RngError> {
-        let file = File::open(source).map_err(|e| RngError::Open {
-            path: source.to_owned(),
-            source: e,
-        })?;
+        let file = open_source(source)?;
         Ok(Self {
             path: source.to_owned(),
             source: file,
@@ -219,6 +251,26 @@ mod tests {
     const W: u16 = 2;
 
     #[test]
+    fn a_fifo_source_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("tidevm-rng-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // No writer: a blocking open would never return.
+        let result = open_source(&fifo);
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = result.unwrap_err();
+        assert!(matches!(err, RngError::NotFileOrCharDevice(_)), "{err}");
+        assert!(err
+            .to_string()
+            .contains("not a regular file or a character device"));
+        let file = dir.join("gone");
+        assert!(matches!(open_source(&file), Err(RngError::Open { .. })));
+    }
+
+    #[test]
     fn fills_writable_buffers_and_survives_bad_ones() {
         assert!(matches!(
             Rng::new(Path::new("/nonexistent/rng")),
@@ -226,6 +278,10 @@ mod tests {
         ));
         let mut rng = Rng::new(Path::new("/dev/urandom")).unwrap();
         assert_eq!(rng.device_type(), 4);
+        assert!(matches!(
+            Rng::new(Path::new("/")),
+            Err(RngError::NotFileOrCharDevice(_))
+        ));
         assert_eq!(rng.process_queue(), 0);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let q = MockSplitQueue::new(&mem, 16);

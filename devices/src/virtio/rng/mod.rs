@@ -8,7 +8,7 @@
 pub mod device;
 mod event_handler;
 
-pub use device::{Rng, RngError, RngMetrics};
+pub use device::{open_source, Rng, RngError, RngMetrics};
 
 /// The virtio device id of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;
