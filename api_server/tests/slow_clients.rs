@@ -506,6 +506,13 @@ fn stalled_heads_and_bodies_are_cut_off() {
             status_line(answer).starts_with(expected)
         };
         assert!(ok, "{what}: expected {expected:?}, got {answer:?}");
+        if !expected.is_empty() {
+            // Like every error of the API: a JSON body saying what was wrong.
+            let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            let json: serde_json::Value = serde_json::from_str(body)
+                .unwrap_or_else(|e| panic!("{what}: body {body:?} is not JSON: {e}"));
+            assert!(json["error"].is_string(), "{what}: {body}");
+        }
     }
     let stalled = &answers[3].1;
     assert!(

@@ -279,7 +279,10 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::HeadTooLarge) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(431));
+                    let response = json_error(
+                        431,
+                        &format!("request head larger than {MAX_HEAD_BYTES} bytes"),
+                    );
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -288,7 +291,7 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::WrongRequestLine) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
+                    let response = json_error(400, "malformed HTTP request line");
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -298,7 +301,7 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::WrongHeader(ver)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
+                    let response = json_error(400, "malformed HTTP header line");
                     response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // we don't know where the next request would start,
                                  // se we have to close
@@ -307,7 +310,13 @@ impl Iterator for ClientConnection {
                 Err(ReadError::ReadIoError(ref err)) if is_timeout(err) => {
                     // request timeout
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
+                    let response = json_error(
+                        408,
+                        &format!(
+                            "request head not complete within {} s",
+                            HEAD_TIMEOUT.as_secs()
+                        ),
+                    );
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -316,7 +325,7 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::ExpectationFailed(ver)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
+                    let response = json_error(417, "unsupported Expect header");
                     response.raw_print(writer, ver, &[], true, None).ok();
                     return None; // TODO: should be recoverable, but needs handling in case of body
                 }
@@ -333,10 +342,7 @@ impl Iterator for ClientConnection {
                 // this request was still held: the answer never came.
                 let mut rq = rq;
                 rq.answer_as_http_1_1();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
+                let response = json_error(505, "only HTTP/1.0 and HTTP/1.1 are supported");
                 rq.respond(response).ok();
                 return None;
             }
@@ -417,5 +423,20 @@ mod test {
 
         assert!(super::parse_request_line("GET /hello").is_err());
         assert!(super::parse_request_line("qsd qsd qsd").is_err());
+    }
+}
+
+/// tidevm patch: the answers this module sends before a request reaches
+/// the server's user carry a JSON body `{"error": "<message>"}`, like every
+/// other error of tidevm's API.
+fn json_error(code: u16, message: &str) -> crate::Response<std::io::Cursor<Vec<u8>>> {
+    let body = format!(
+        "{{\"error\": \"{}\"}}",
+        message.replace('\\', "\\\\").replace('"', "\\\"")
+    );
+    let response = crate::Response::from_string(body).with_status_code(crate::StatusCode(code));
+    match crate::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
+        Ok(header) => response.with_header(header),
+        Err(()) => response,
     }
 }
