@@ -7,7 +7,8 @@
 #                           run "SCRIPT --inside" here, or inside the nested
 #                           harness (at most SECS seconds) when this
 #                           /dev/kvm cannot boot Linux; does not return
-#   api METHOD PATH [JSON]  a REST API call on the socket "$sock"
+#   api METHOD PATH [JSON]  a REST API call on the socket "$sock"; fails on
+#                           an error status, printing its answer
 #   rss PID                 a process's resident set size ("123 kB")
 #   wait_for SECS WHAT CMD...
 #                           run CMD until it succeeds, for at most SECS
@@ -30,7 +31,7 @@ demo_run_inside() {
 api() {
   local body=()
   [ $# -lt 3 ] || body=(-H 'Content-Type: application/json' -d "$3")
-  curl -sS --unix-socket "$sock" -X "$1" "http://localhost$2" "${body[@]}"
+  curl -sS --fail-with-body --unix-socket "$sock" -X "$1" "http://localhost$2" "${body[@]}"
 }
 
 rss() {
