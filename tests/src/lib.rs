@@ -5,13 +5,15 @@
 //! inside the nested harness when the local one cannot, and sets
 //! `TIDEVM_E2E=1`; run directly, they stop with a message saying so.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use api_server::client;
+use vsock_probe::{fill_pattern, Fnv};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -472,4 +474,156 @@ pub fn ask_u64(vm: &mut Vm, command: &str, key: &str) -> u64 {
     let v = vm.ask(command, key, Duration::from_secs(120));
     v.parse()
         .unwrap_or_else(|_| panic!("{key}={v} is not a number"))
+}
+
+/// How long a vsock stream may go without a byte before a test gives up.
+pub const STREAM_STALL: Duration = Duration::from_secs(120);
+
+/// Connects to guest `port` through tidevm's hybrid vsock socket: the
+/// stream after `OK <host_port>\n` and the host port. `Err` holds what the
+/// device sent before closing: empty for a refusal (nobody listens on
+/// `port`); or, in words, why there was no answer at all (no socket yet,
+/// no answer within 30 s). Reads on the stream time out after
+/// [`STREAM_STALL`].
+pub fn vsock_connect(socket: &Path, port: u32) -> Result<(UnixStream, u32), String> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| format!("cannot send CONNECT {port}: {e}"))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte) {
+            Ok(0) => return Err(String::from_utf8_lossy(&line).into_owned()),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("no answer to CONNECT {port}: {e}")),
+        }
+    }
+    let line = String::from_utf8(line).expect("ASCII answer");
+    let host_port = line
+        .strip_prefix("OK ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected answer {line:?}"));
+    // A stalled stream fails the test rather than hanging it.
+    s.set_read_timeout(Some(STREAM_STALL)).unwrap();
+    Ok((s, host_port))
+}
+
+/// The vsock port `sandbox-agent` listens on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// The sandbox guest's agent (`tests/guest/sandbox-agent`, in
+/// `initramfs-sandbox.cpio.gz`), reached through tidevm's hybrid vsock
+/// socket: one connection per request.
+pub struct Agent {
+    /// The hybrid vsock socket (`--vsock ...,socket=PATH`).
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    /// Opens a connection to the agent and sends one command line.
+    pub fn request(&self, line: &str) -> Result<UnixStream, String> {
+        let (mut s, _) = vsock_connect(&self.socket, AGENT_PORT)?;
+        s.write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("cannot send {line:?}: {e}"))?;
+        Ok(s)
+    }
+
+    /// `PING`: whether the agent answered `PONG`.
+    pub fn ping(&self) -> Result<(), String> {
+        let mut s = self.request("PING")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .map_err(|e| format!("PING: {e}"))?;
+        if answer == "PONG\n" {
+            Ok(())
+        } else {
+            Err(format!("PING answered {answer:?}"))
+        }
+    }
+
+    /// `RUN command`: everything the command printed.
+    pub fn run(&self, command: &str) -> String {
+        let mut s = self
+            .request(&format!("RUN {command}"))
+            .unwrap_or_else(|e| panic!("RUN {command}: {e}"));
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .unwrap_or_else(|e| panic!("RUN {command}: {e}"));
+        out
+    }
+
+    /// The guest's MemTotal in KiB, as the agent reads it.
+    pub fn memtotal_kib(&self) -> u64 {
+        let out = self.run("grep MemTotal /proc/meminfo");
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("MemTotal line {out:?}"))
+    }
+
+    /// `SINK`: sends `len` pattern bytes and returns the agent's answer
+    /// (`BYTES=<n> SUM=<fnv>`) and the checksum of what was sent.
+    pub fn sink(&self, len: u64) -> (String, u64) {
+        let mut s = self.request("SINK").expect("SINK");
+        let sum = send_pattern(&mut s, len);
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("SINK answer");
+        (answer.trim().to_string(), sum)
+    }
+
+    /// `SOURCE len`: the number of bytes received and their checksum.
+    pub fn source(&self, len: u64) -> (u64, u64) {
+        let mut s = self.request(&format!("SOURCE {len}")).expect("SOURCE");
+        let mut sum = Fnv::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return (got, sum.value()),
+                Ok(n) => {
+                    sum.update(&buf[..n]);
+                    got += n as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => panic!("SOURCE read failed after {got} bytes: {e}"),
+            }
+        }
+    }
+}
+
+/// Writes `len` pattern bytes; returns their checksum.
+pub fn send_pattern(to: &mut impl Write, len: u64) -> u64 {
+    let mut sum = Fnv::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < len {
+        let n = usize::try_from(len - sent).map_or(buf.len(), |left| left.min(buf.len()));
+        fill_pattern(&mut buf[..n], sent);
+        to.write_all(&buf[..n]).expect("send pattern bytes");
+        sum.update(&buf[..n]);
+        sent += n as u64;
+    }
+    sum.value()
+}
+
+/// Prints a measurement and appends it to `report.txt` in `work` (the
+/// output of passing tests is not shown; the file stays).
+pub fn report(work: &Path, line: &str) {
+    eprintln!("{line}");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(work.join("report.txt"))
+        .expect("open report.txt");
+    writeln!(f, "{line}").expect("write report.txt");
+}
+
+/// MiB per second.
+pub fn mib_per_s(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / t.as_secs_f64()
 }

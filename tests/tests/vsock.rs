@@ -44,15 +44,9 @@ struct Sandbox {
 
 impl Sandbox {
     /// Prints a measurement and keeps it in `report.txt` of the test's work
-    /// directory (passing tests' output is not shown).
+    /// directory.
     fn report(&self, line: &str) {
-        eprintln!("{line}");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.work.join("report.txt"))
-            .expect("open report.txt");
-        writeln!(f, "{line}").expect("write report.txt");
+        report(&self.work, line);
     }
 }
 
@@ -87,36 +81,11 @@ fn boot(test: &str) -> Sandbox {
     Sandbox { vm, socket, work }
 }
 
-/// Connects to guest `port` through the hybrid socket: the stream after
-/// `OK <host_port>\n`, or what the device said instead (`Err`: the bytes
-/// before EOF, empty for a refusal).
-fn connect(socket: &Path, port: u32) -> Result<(UnixStream, u32), String> {
-    let mut s = UnixStream::connect(socket).expect("connect to the vsock socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        match s.read(&mut byte) {
-            Ok(0) => return Err(String::from_utf8_lossy(&line).into_owned()),
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => line.push(byte[0]),
-            Err(e) => panic!("no answer to CONNECT {port}: {e}"),
-        }
-    }
-    let line = String::from_utf8(line).expect("ASCII answer");
-    let host_port = line
-        .strip_prefix("OK ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected answer {line:?}"));
-    Ok((s, host_port))
-}
-
 /// Sends `len` pattern bytes starting at pattern offset `offset` on a
 /// connection to the echo server, half-closes, and checks that exactly the
 /// same bytes come back. Returns the time it took.
 fn echo_roundtrip(socket: &Path, offset: u64, len: u64) -> Duration {
-    let (s, host_port) = connect(socket, ECHO_PORT).expect("echo server accepts");
+    let (s, host_port) = vsock_connect(socket, ECHO_PORT).expect("echo server accepts");
     assert!(host_port >= 1 << 30, "host port {host_port}");
     let started = Instant::now();
     let mut writer = s.try_clone().unwrap();
@@ -160,10 +129,6 @@ fn echo_roundtrip(socket: &Path, offset: u64, len: u64) -> Duration {
     started.elapsed()
 }
 
-fn mib_per_s(bytes: u64, t: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / t.as_secs_f64()
-}
-
 #[test]
 fn vsock_host_connects_to_the_guest_refused_and_concurrent() {
     let mut sb = boot("vsock-host-to-guest");
@@ -180,7 +145,7 @@ fn vsock_host_connects_to_the_guest_refused_and_concurrent() {
 
     // Nobody listens on port 9999: the host stream closes without an OK.
     let started = Instant::now();
-    let refused = connect(&sb.socket, 9999);
+    let refused = vsock_connect(&sb.socket, 9999);
     let took = started.elapsed();
     assert_eq!(refused.err().as_deref(), Some(""), "refused with no answer");
     assert!(took < Duration::from_secs(3), "refusal took {took:?}");

@@ -9,7 +9,9 @@ use devices::hyperv::device::DynamicMemoryReport;
 use devices::hyperv::dm::protocol::DM_PAGE_SIZE;
 use devices::hyperv::dm::{HotAddState, Phase};
 
-use crate::resize::{plan_dm_resize, plan_resize, DmLimits, MemoryLimits, DEFAULT_HOT_ADD_BLOCK};
+use crate::resize::{
+    plan_dm_resize, plan_resize, BalloonStep, DmLimits, MemoryLimits, DEFAULT_HOT_ADD_BLOCK,
+};
 use crate::vmm::{ExitReason, Vmm};
 
 impl Vmm {
@@ -80,7 +82,10 @@ impl Vmm {
         MemoryInfo {
             boot_size: cfg.size,
             hotplug_size: cfg.hotplug_size,
-            requested_size: cfg.size + hotplug_requested - balloon_target.unwrap_or(0),
+            // A balloon target still waiting for virtio-mem to unplug is
+            // part of what was requested.
+            requested_size: cfg.size + hotplug_requested
+                - self.pending_balloon.or(balloon_target).unwrap_or(0),
             plugged_size: plugged,
             block_size: cfg.block_size,
             slot_size: cfg.slot_size,
@@ -195,15 +200,33 @@ impl Vmm {
         if let Some(response) = self.resize_dm(requested) {
             return response;
         }
-        let plan = match plan_resize(requested, &self.limits()) {
+        let plugged = self
+            .memory_devices
+            .virtio_mem
+            .as_ref()
+            .map_or(0, |m| m.lock().expect("virtio-mem").plugged_size());
+        let plan = match plan_resize(requested, &self.limits(), plugged) {
             Ok(plan) => plan,
             Err(e) => return ApiResponse::error(e.status(), e.to_string()),
         };
-        // Order: shrink the balloon before plugging, so a growing guest
-        // first gets its boot memory back.
+        // A new plan replaces a step the last one left waiting.
+        self.pending_balloon = None;
+        // Order: the balloon deflates before virtio-mem plugs (a growing
+        // guest first gets its boot memory back); a balloon that must wait
+        // for virtio-mem's unplug is set by `advance_resize`.
         if let (Some(balloon), Some(target)) = (&self.memory_devices.balloon, plan.balloon_target) {
-            if let Err(e) = balloon.lock().expect("balloon").set_target_size(target) {
-                return ApiResponse::error(500, format!("balloon: {e}"));
+            match plan.balloon_step {
+                BalloonStep::Now => {
+                    if let Err(e) = balloon.lock().expect("balloon").set_target_size(target) {
+                        return ApiResponse::error(500, format!("balloon: {e}"));
+                    }
+                }
+                BalloonStep::AfterUnplug => {
+                    log::info!(
+                        "resize: balloon target {target} waits for virtio-mem to unplug {plugged} bytes"
+                    );
+                    self.pending_balloon = Some(target);
+                }
             }
         }
         if let Some(mem) = &self.memory_devices.virtio_mem {
@@ -216,6 +239,34 @@ impl Vmm {
             }
         }
         ApiResponse::no_content()
+    }
+
+    /// Takes the next step of a resize in progress: sets a waiting balloon
+    /// target once virtio-mem has unplugged down to its requested size.
+    /// Called by the event loop after each round of events.
+    pub(crate) fn advance_resize(&mut self) {
+        let Some(target) = self.pending_balloon else {
+            return;
+        };
+        let (Some(mem), Some(balloon)) = (
+            &self.memory_devices.virtio_mem,
+            &self.memory_devices.balloon,
+        ) else {
+            self.pending_balloon = None;
+            return;
+        };
+        let unplugged = {
+            let m = mem.lock().expect("virtio-mem");
+            m.plugged_size() <= m.requested_size()
+        };
+        if !unplugged {
+            return;
+        }
+        self.pending_balloon = None;
+        log::info!("resize: virtio-mem has unplugged; balloon target {target}");
+        if let Err(e) = balloon.lock().expect("balloon").set_target_size(target) {
+            log::error!("resize: balloon target {target}: {e}");
+        }
     }
 
     fn no_balloon() -> ApiResponse {
@@ -252,6 +303,8 @@ impl Vmm {
                 format!("balloon size {size} is above the boot memory size {boot}"),
             );
         }
+        // An explicit balloon size replaces a waiting step of a resize.
+        self.pending_balloon = None;
         match balloon.lock().expect("balloon").set_target_size(size) {
             Ok(()) => ApiResponse::no_content(),
             Err(e) => ApiResponse::error(400, e.to_string()),

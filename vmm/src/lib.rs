@@ -382,9 +382,11 @@ fn run_vm(
     let reason = loop {
         em.run_with_timeout(500)
             .map_err(|e| VmmError::EventLoop(e.to_string()))?;
-        if let Some(reason) = vmm.lock().expect("vmm").exit_reason() {
+        let mut running = vmm.lock().expect("vmm");
+        if let Some(reason) = running.exit_reason() {
             break reason.clone();
         }
+        running.advance_resize();
     };
     for thread in &mut threads {
         thread.stop_and_join();

@@ -5,6 +5,14 @@
 //!
 //! `plan_resize` and `plan_dm_resize` are pure functions: the API handler validates and plans
 //! with it before touching any device, so a refused request changes nothing.
+//!
+//! Order matters when both devices move. Growing, the balloon deflates
+//! first and virtio-mem plugs after it. Shrinking across the boot size,
+//! virtio-mem first unplugs everything and the balloon inflates only once
+//! the guest has released the hotplugged memory ([`BalloonStep::AfterUnplug`]):
+//! unplugging migrates the pages in use out of the hotplugged blocks into
+//! boot memory, and a balloon inflating there at the same time leaves the
+//! guest room for neither, so neither converges.
 
 use std::sync::{Arc, Mutex};
 
@@ -39,13 +47,27 @@ pub struct MemoryLimits {
     pub balloon: bool,
 }
 
-/// Device targets for one requested size.
+/// When a plan's balloon target is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalloonStep {
+    /// At once, before virtio-mem's requested size: growing (the balloon
+    /// deflates first), or shrinking with nothing left to unplug.
+    Now,
+    /// Once virtio-mem's plugged size is down to the plan's
+    /// `hotplug_requested`: a shrink across the boot size while memory is
+    /// still plugged. The balloon keeps its current target until then.
+    AfterUnplug,
+}
+
+/// Device targets for one requested size, and their order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResizePlan {
     /// virtio-mem requested_size (hotplugged bytes).
     pub hotplug_requested: u64,
     /// Balloon target in bytes, when a balloon exists.
     pub balloon_target: Option<u64>,
+    /// When the balloon target is set.
+    pub balloon_step: BalloonStep,
 }
 
 /// Why a requested size cannot be reached. `status` is the HTTP status.
@@ -113,8 +135,13 @@ impl ResizeError {
     }
 }
 
-/// Splits `requested` total guest memory into device targets.
-pub fn plan_resize(requested: u64, limits: &MemoryLimits) -> Result<ResizePlan, ResizeError> {
+/// Splits `requested` total guest memory into device targets, given the
+/// bytes virtio-mem has plugged now (`plugged`).
+pub fn plan_resize(
+    requested: u64,
+    limits: &MemoryLimits,
+    plugged: u64,
+) -> Result<ResizePlan, ResizeError> {
     let MemoryLimits {
         boot_size: boot,
         hotplug_size,
@@ -138,9 +165,16 @@ pub fn plan_resize(requested: u64, limits: &MemoryLimits) -> Result<ResizePlan, 
                 page: BALLOON_PAGE,
             });
         }
+        let target = balloon_target(boot - requested);
+        let inflates = target.is_some_and(|t| t > 0);
         return Ok(ResizePlan {
             hotplug_requested: 0,
-            balloon_target: balloon_target(boot - requested),
+            balloon_target: target,
+            balloon_step: if inflates && plugged > 0 {
+                BalloonStep::AfterUnplug
+            } else {
+                BalloonStep::Now
+            },
         });
     }
     if hotplug_size == 0 {
@@ -161,6 +195,7 @@ pub fn plan_resize(requested: u64, limits: &MemoryLimits) -> Result<ResizePlan, 
     Ok(ResizePlan {
         hotplug_requested: hotplug,
         balloon_target: balloon_target(0),
+        balloon_step: BalloonStep::Now,
     })
 }
 
@@ -231,26 +266,65 @@ mod tests {
     #[test]
     fn grows_through_virtio_mem_and_shrinks_through_the_balloon() {
         let l = limits(4 * GIB, true);
+        // Growing, from a ballooned guest too: the balloon target drops to
+        // 0 at once (the VMM sets it before virtio-mem's size).
         assert_eq!(
-            plan_resize(512 * MIB + GIB, &l),
+            plan_resize(512 * MIB + GIB, &l, 0),
             Ok(ResizePlan {
                 hotplug_requested: GIB,
-                balloon_target: Some(0)
+                balloon_target: Some(0),
+                balloon_step: BalloonStep::Now,
             })
         );
         assert_eq!(
-            plan_resize(256 * MIB, &l),
+            plan_resize(256 * MIB, &l, 0),
             Ok(ResizePlan {
                 hotplug_requested: 0,
-                balloon_target: Some(256 * MIB)
+                balloon_target: Some(256 * MIB),
+                balloon_step: BalloonStep::Now,
             })
         );
         assert_eq!(
-            plan_resize(512 * MIB, &limits(4 * GIB, false)),
+            plan_resize(512 * MIB, &limits(4 * GIB, false), GIB),
             Ok(ResizePlan {
                 hotplug_requested: 0,
-                balloon_target: None
+                balloon_target: None,
+                balloon_step: BalloonStep::Now,
             })
+        );
+    }
+
+    #[test]
+    fn a_shrink_across_boot_size_unplugs_before_the_balloon_inflates() {
+        let l = limits(4 * GIB, true);
+        // 1.5 GiB (1 GiB plugged) down to 384 MiB in one request: unplug
+        // everything first, inflate 128 MiB once it is gone.
+        assert_eq!(
+            plan_resize(384 * MIB, &l, GIB),
+            Ok(ResizePlan {
+                hotplug_requested: 0,
+                balloon_target: Some(128 * MIB),
+                balloon_step: BalloonStep::AfterUnplug,
+            })
+        );
+        // Nothing plugged (any more): the balloon inflates at once.
+        assert_eq!(
+            plan_resize(384 * MIB, &l, 0).map(|p| p.balloon_step),
+            Ok(BalloonStep::Now)
+        );
+        // Down to exactly boot size: nothing to inflate, nothing to wait for.
+        assert_eq!(
+            plan_resize(512 * MIB, &l, GIB),
+            Ok(ResizePlan {
+                hotplug_requested: 0,
+                balloon_target: Some(0),
+                balloon_step: BalloonStep::Now,
+            })
+        );
+        // Shrinking within the hotplugged part never waits.
+        assert_eq!(
+            plan_resize(GIB, &l, 2 * GIB).map(|p| p.balloon_step),
+            Ok(BalloonStep::Now)
         );
     }
 
@@ -284,31 +358,31 @@ mod tests {
     fn refusals_say_why() {
         let l = limits(4 * GIB, false);
         assert_eq!(
-            plan_resize(GIB, &limits(0, false)),
+            plan_resize(GIB, &limits(0, false), 0),
             Err(ResizeError::NotResizable)
         );
         assert_eq!(ResizeError::NotResizable.status(), 409);
         assert!(matches!(
-            plan_resize(256 * MIB, &l),
+            plan_resize(256 * MIB, &l, 0),
             Err(ResizeError::BelowBoot { .. })
         ));
         assert!(matches!(
-            plan_resize(8 * GIB, &l),
+            plan_resize(8 * GIB, &l, 0),
             Err(ResizeError::AboveMax { .. })
         ));
         assert!(matches!(
-            plan_resize(512 * MIB + MIB, &l),
+            plan_resize(512 * MIB + MIB, &l, 0),
             Err(ResizeError::NotBlockMultiple { .. })
         ));
         assert!(matches!(
-            plan_resize(GIB, &limits(0, true)),
+            plan_resize(GIB, &limits(0, true), 0),
             Err(ResizeError::NoHotplug { .. })
         ));
         assert!(matches!(
-            plan_resize(256 * MIB + 1, &limits(0, true)),
+            plan_resize(256 * MIB + 1, &limits(0, true), 0),
             Err(ResizeError::NotPageMultiple { .. })
         ));
-        assert_eq!(plan_resize(0, &l), Err(ResizeError::Zero));
-        assert!(plan_resize(512 * MIB + 4 * GIB, &l).is_ok());
+        assert_eq!(plan_resize(0, &l, 0), Err(ResizeError::Zero));
+        assert!(plan_resize(512 * MIB + 4 * GIB, &l, 0).is_ok());
     }
 }

@@ -77,6 +77,9 @@ pub struct Vmm {
     pub(crate) ch_config: Option<serde_json::Value>,
     /// Devices besides the memory devices whose counters the API reports.
     counted: CountedDevices,
+    /// A balloon target waiting for virtio-mem to finish unplugging
+    /// ([`crate::resize::BalloonStep::AfterUnplug`]).
+    pub(crate) pending_balloon: Option<u64>,
 }
 
 impl Vmm {
@@ -103,6 +106,7 @@ impl Vmm {
             action: None,
             ch_config: None,
             counted: CountedDevices::default(),
+            pending_balloon: None,
         }
     }
 

@@ -1,5 +1,8 @@
 //! What both sides of tidevm's vsock tests agree on: the byte pattern sent
-//! and the checksum of what arrived.
+//! and the checksum of what arrived; and the guest side's vsock sockets
+//! ([`socket`]), shared by `vsock-probe` and `sandbox-agent`.
+
+pub mod socket;
 
 /// FNV-1a, 64 bits: a checksum both sides compute the same way.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +35,27 @@ pub fn pattern(i: u64) -> u8 {
     x.to_be_bytes()[0] ^ i.to_le_bytes()[0]
 }
 
+/// Fills `buf` with the pattern bytes starting at byte `offset`.
+pub fn fill_pattern(buf: &mut [u8], offset: u64) {
+    for (i, b) in (offset..).zip(buf.iter_mut()) {
+        *b = pattern(i);
+    }
+}
+
+/// The checksum of the first `len` pattern bytes.
+pub fn pattern_sum(len: u64) -> u64 {
+    let mut sum = Fnv::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from(len - done).map_or(buf.len(), |left| left.min(buf.len()));
+        fill_pattern(&mut buf[..n], done);
+        sum.update(&buf[..n]);
+        done += n as u64;
+    }
+    sum.value()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,5 +68,11 @@ mod tests {
         let p: Vec<u8> = (0..4).map(pattern).collect();
         assert_eq!(p, (0..4).map(pattern).collect::<Vec<_>>());
         assert_ne!(pattern(0), pattern(1));
+        let mut buf = [0u8; 5];
+        fill_pattern(&mut buf, 3);
+        assert_eq!(buf.to_vec(), (3..8).map(pattern).collect::<Vec<_>>());
+        let mut f = Fnv::default();
+        f.update(&(0..100_000).map(pattern).collect::<Vec<_>>());
+        assert_eq!(pattern_sum(100_000), f.value());
     }
 }

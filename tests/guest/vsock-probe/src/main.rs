@@ -16,88 +16,17 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
-use vsock_probe::{pattern, Fnv};
-
-fn vsock_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket() takes no pointers; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn address(cid: u32, port: u32) -> libc::sockaddr_vm {
-    const _: () = assert!(std::mem::size_of::<libc::sockaddr_vm>() == 16);
-    // SAFETY: sockaddr_vm is plain data; all-zero is valid.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
-    addr.svm_cid = cid;
-    addr.svm_port = port;
-    addr
-}
-
-/// `sizeof(struct sockaddr_vm)` (16 bytes).
-const ADDR_LEN: libc::socklen_t = 16;
-
-fn connect(cid: u32, port: u32) -> io::Result<File> {
-    let fd = vsock_socket()?;
-    let addr = address(cid, port);
-    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
-    let ret = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            ADDR_LEN,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(File::from(fd))
-}
-
-fn shutdown_write(f: &File) {
-    // SAFETY: shutdown on a socket we own; no memory is passed.
-    unsafe { libc::shutdown(f.as_raw_fd(), libc::SHUT_WR) };
-}
+use vsock_probe::socket::{connect, shutdown_write, Listener};
+use vsock_probe::{fill_pattern, Fnv};
 
 fn listen(port: u32) -> io::Result<()> {
-    let fd = vsock_socket()?;
-    let addr = address(libc::VMADDR_CID_ANY, port);
-    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            ADDR_LEN,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen on a socket we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let listener = Listener::bind(port, 128)?;
     println!("LISTENING={port}");
     io::stdout().flush()?;
     loop {
-        // SAFETY: accept without an address buffer.
-        let c = unsafe { libc::accept(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
-        if c < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // SAFETY: c is a fresh descriptor owned by nobody else.
-        let conn = File::from(unsafe { OwnedFd::from_raw_fd(c) });
+        let conn = listener.accept()?;
         std::thread::spawn(move || echo(conn));
     }
 }
@@ -116,7 +45,7 @@ fn echo(mut conn: File) {
             Err(_) => return,
         }
     }
-    shutdown_write(&conn);
+    let _ = shutdown_write(&conn);
 }
 
 fn send(cid: u32, port: u32, total: u64) -> io::Result<()> {
@@ -126,14 +55,12 @@ fn send(cid: u32, port: u32, total: u64) -> io::Result<()> {
     let mut sent = 0u64;
     while sent < total {
         let n = usize::try_from(total - sent).map_or(buf.len(), |left| left.min(buf.len()));
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = pattern(sent + i as u64);
-        }
+        fill_pattern(&mut buf[..n], sent);
         conn.write_all(&buf[..n])?;
         sum.update(&buf[..n]);
         sent += n as u64;
     }
-    shutdown_write(&conn);
+    shutdown_write(&conn)?;
     let mut reply = String::new();
     conn.read_to_string(&mut reply)?;
     println!(
