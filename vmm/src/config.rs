@@ -770,11 +770,17 @@ mod tests {
         ));
         assert!(matches!(
             parse_args(args(&["--api-socket", "/run/a.sock", "--seccomp", "log"])),
-            Ok(Command::Serve { seccomp: SeccompMode::Log, .. })
+            Ok(Command::Serve {
+                seccomp: SeccompMode::Log,
+                ..
+            })
         ));
         assert!(matches!(
             parse_args(args(&["--kernel", k, "--seccomp=false"])),
-            Ok(Command::Run { seccomp: SeccompMode::Off, .. })
+            Ok(Command::Run {
+                seccomp: SeccompMode::Off,
+                ..
+            })
         ));
         assert!(err(&["--kernel", k, "--seccomp", "maybe"])
             .contains("invalid value 'maybe' for 'mode': expected true, false or log"));

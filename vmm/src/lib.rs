@@ -25,9 +25,7 @@ use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
-use api_server::{
-    ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerConfig, ApiServerHandle,
-};
+use api_server::{ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerConfig, ApiServerHandle};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::Kvm;

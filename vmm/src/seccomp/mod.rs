@@ -212,7 +212,10 @@ mod tests {
             let programs = filters(kind, SeccompMode::Trap).unwrap();
             assert_eq!(programs.len(), if kind == ThreadKind::Vcpu { 1 } else { 2 });
             assert!(programs.iter().all(|p| !p.is_empty()));
-            assert_eq!(filters(kind, SeccompMode::Log).unwrap().len(), programs.len());
+            assert_eq!(
+                filters(kind, SeccompMode::Log).unwrap().len(),
+                programs.len()
+            );
             assert!(filters(kind, SeccompMode::Off).unwrap().is_empty());
         }
     }

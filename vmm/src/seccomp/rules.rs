@@ -129,8 +129,10 @@ impl Allow {
 
     /// Allows `nr` when argument `arg` (32 bits) is one of `values`.
     fn when_arg_in(&mut self, nr: i64, arg: u8, values: &[u64]) -> &mut Self {
-        let alternatives: Vec<[(u8, u64, u64); 1]> =
-            values.iter().map(|&v| [(arg, u64::from(u32::MAX), v)]).collect();
+        let alternatives: Vec<[(u8, u64, u64); 1]> = values
+            .iter()
+            .map(|&v| [(arg, u64::from(u32::MAX), v)])
+            .collect();
         let refs: Vec<&[(u8, u64, u64)]> = alternatives.iter().map(|a| a.as_slice()).collect();
         self.when(nr, &refs)
     }
@@ -386,25 +388,30 @@ pub fn vmm_kvm_ioctls() -> Vec<u64> {
         KVM_SET_CPUID2(),
         KVM_ENABLE_CAP(),
     ]
-    .into_iter()
-    .map(u64::from)
-    .collect()
 }
 
 /// A vCPU thread: the runtime and `ioctl` with `KVM_RUN`, plus
-/// `KVM_GET_REGS`/`KVM_GET_SREGS` for the log of a triple fault. The port
-/// and MMIO exits it dispatches reach device registers, which signal
-/// eventfds (`write`) and write the console; Hyper-V exits are answered
-/// through the `kvm_run` page and the SynIC's irqfds. No `clone`, no
-/// sockets, no file creation.
+/// `KVM_GET_REGS`/`KVM_GET_SREGS` for the log of a triple fault.
+///
+/// The port and MMIO exits it dispatches reach device registers, which
+/// signal eventfds (`write`) and write the console. A driver writing a
+/// virtio status register activates or resets its device on this thread:
+/// the balloon arms or disarms its statistics timer (`timerfd_settime`)
+/// and processes the pages queued so far (`madvise`, and
+/// `fallocate(PUNCH_HOLE)` for shared memory); vsock drops its connections
+/// (`epoll_ctl`, `close`). Hyper-V exits are answered through the
+/// `kvm_run` page and the SynIC's eventfds. No `clone`, no sockets, no
+/// file creation, no memory slots.
 fn vcpu(a: &mut Allow) {
     runtime(a);
     use kvm::*;
-    a.ioctls(&[
-        u64::from(KVM_RUN()),
-        u64::from(KVM_GET_REGS()),
-        u64::from(KVM_GET_SREGS()),
-    ]);
+    a.always(&[libc::SYS_epoll_ctl, libc::SYS_timerfd_settime])
+        .when_arg_in(
+            libc::SYS_fallocate,
+            1,
+            &[c(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)],
+        )
+        .ioctls(&[KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()]);
 }
 
 /// The API threads: the server thread, tiny_http's accept thread and its
@@ -494,9 +501,23 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_list_allows_every_call_of_the_vcpu_list() {
+        // vCPU threads run under both filters.
+        let vmm = allowed(ThreadKind::Vmm).unwrap();
+        for nr in allowed(ThreadKind::Vcpu).unwrap().keys() {
+            assert!(vmm.contains_key(nr), "system call {nr}");
+        }
+        let vmm_ioctls = vmm_kvm_ioctls();
+        for request in [kvm::KVM_RUN(), kvm::KVM_GET_REGS(), kvm::KVM_GET_SREGS()] {
+            assert!(vmm_ioctls.contains(&request), "{request:#x}");
+        }
+    }
+
+    #[test]
     fn conditional_and_unconditional_rules_merge_to_unconditional() {
         let mut a = Allow::default();
-        a.when_arg_in(libc::SYS_openat, 2, &[0]).always(&[libc::SYS_openat]);
+        a.when_arg_in(libc::SYS_openat, 2, &[0])
+            .always(&[libc::SYS_openat]);
         a.when_arg_in(libc::SYS_openat, 2, &[1]);
         assert!(a.finish().unwrap()[&libc::SYS_openat].is_empty());
     }

@@ -129,9 +129,7 @@ pub fn install_sigsys_handler() -> Result<(), super::SeccompError> {
         libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut())
     };
     if ret != 0 {
-        return Err(super::SeccompError::Handler(
-            std::io::Error::last_os_error(),
-        ));
+        return Err(super::SeccompError::Handler(std::io::Error::last_os_error()));
     }
     // SAFETY: the set is initialized by sigemptyset before use; only the
     // calling thread's mask changes (threads started later inherit it).
