@@ -306,9 +306,7 @@ impl ApiServer {
         let remove_socket = || {
             let _ = fs::remove_file(socket_path);
         };
-        if let Err(source) =
-            fs::set_permissions(socket_path, fs::Permissions::from_mode(0o600))
-        {
+        if let Err(source) = fs::set_permissions(socket_path, fs::Permissions::from_mode(0o600)) {
             remove_socket();
             return Err(ApiError::Permissions {
                 path: socket_path.to_path_buf(),
@@ -330,12 +328,11 @@ impl ApiServer {
             .name(THREAD_NAME.to_string())
             .spawn(move || {
                 let started = init().map_err(ApiError::ThreadInit).and_then(|()| {
-                    let server = Server::from_listener(listener, None).map_err(|e| {
-                        ApiError::Bind {
+                    let server =
+                        Server::from_listener(listener, None).map_err(|e| ApiError::Bind {
                             path: bind_path,
                             message: e.to_string(),
-                        }
-                    })?;
+                        })?;
                     let readers = BodyReaders::new(config.max_body_readers, config.body_timeout)
                         .map_err(ApiError::SpawnThread)?;
                     Ok((Arc::new(server), readers))
