@@ -34,8 +34,7 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetA
 pub use sigsys::{install_sigsys_handler, SECCOMP_EXIT_CODE};
 
 /// What `--seccomp` asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SeccompMode {
     /// `true` (the default): a forbidden system call ends tidevm.
     #[default]
