@@ -210,6 +210,35 @@ fn without_filters_or_in_log_mode_the_same_call_goes_through() {
     }
 }
 
+#[test]
+fn with_filters_a_vm_without_api_socket_runs_to_its_power_off() {
+    // The first thread tidevm starts is then a vCPU, after the main
+    // thread's filter: glibc's first pthread_create runs under it.
+    if !kvm_available() {
+        return;
+    }
+    let work = Work::new("no-api");
+    let args: Vec<String> = [
+        "--kernel",
+        &work.path("poweroff.elf"),
+        "--memory",
+        "size=64M,hotplug_size=128M",
+        "--cpus",
+        "2",
+        "--disk",
+        &format!("path={}", work.path("disk.img")),
+        "--rng",
+        "src=/dev/urandom",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = run(tidevm(&args, None));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(out.stdout, b"OK\n", "{err}");
+}
+
 fn api(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
     let (status, text) =
         request(socket, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"));

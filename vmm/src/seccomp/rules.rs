@@ -225,12 +225,23 @@ fn runtime(a: &mut Allow) {
     );
 }
 
+/// glibc's own real-time signals: `SIGCANCEL` and `SIGSETXID`, the two
+/// below `SIGRTMIN` (which glibc keeps for itself).
+fn glibc_signals() -> [u64; 2] {
+    let rtmin = c(libc::SIGRTMIN());
+    [rtmin - 2, rtmin - 1]
+}
+
 /// Threads that start threads: `clone` only with `CLONE_THREAD` (a thread
 /// in this process, never a new process); `clone3` is answered `ENOSYS`
-/// by a second filter ([`super::filters`]), so glibc uses `clone`.
+/// by a second filter ([`super::filters`]), so glibc uses `clone`. The
+/// first `pthread_create` of the process installs glibc's handler of its
+/// internal `SIGSETXID` signal (`rt_sigaction` of [`glibc_signals`] only):
+/// without `--api-socket` that is the first vCPU, after the filter.
 fn spawn_threads(a: &mut Allow) {
     a.when_set(libc::SYS_clone, 0, c(libc::CLONE_THREAD))
-        .always(&[libc::SYS_clone3]);
+        .always(&[libc::SYS_clone3])
+        .when_arg_in(libc::SYS_rt_sigaction, 0, &glibc_signals());
 }
 
 /// Threads that install filters after their first one: the second filter
