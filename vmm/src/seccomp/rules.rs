@@ -24,7 +24,7 @@ use super::ThreadKind;
 /// The KVM ioctl request numbers tidevm issues (the kernel's
 /// `include/uapi/linux/kvm.h` definitions, built with the same macros
 /// kvm-ioctls uses).
-pub mod kvm {
+mod kvm {
     use super::*;
 
     ioctl_io_nr!(KVM_GET_API_VERSION, KVMIO, 0x00);
