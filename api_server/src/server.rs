@@ -3,7 +3,7 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -223,6 +223,9 @@ pub enum ApiError {
     /// Spawning the server thread failed.
     #[error("cannot spawn the API server thread: {0}")]
     SpawnThread(io::Error),
+    /// The server thread's setup (see [`ApiServer::start_with_init`]) failed.
+    #[error("cannot set up the API server thread: {0}")]
+    ThreadInit(String),
 }
 
 /// The API server: see [`ApiServer::start`].
@@ -275,18 +278,41 @@ impl ApiServer {
         kick: EventFd,
         config: ApiServerConfig,
     ) -> Result<ApiServerHandle, ApiError> {
+        Self::start_with_init(socket_path, to_vmm, kick, config, || Ok(()))
+    }
+
+    /// Like [`ApiServer::start_with_config`], running `init` first thing on the server thread.
+    ///
+    /// The socket is bound on the calling thread; `init` then runs on the new server thread
+    /// before the HTTP server exists, so every API thread (tiny_http's accept and connection
+    /// threads, the body readers) starts after it and inherits what it sets up, e.g. a seccomp
+    /// filter. If `init` fails, the start fails with [`ApiError::ThreadInit`] and the socket
+    /// file is removed.
+    pub fn start_with_init<F>(
+        socket_path: &Path,
+        to_vmm: Sender<ApiRequestEnvelope>,
+        kick: EventFd,
+        config: ApiServerConfig,
+        init: F,
+    ) -> Result<ApiServerHandle, ApiError>
+    where
+        F: FnOnce() -> Result<(), String> + Send + 'static,
+    {
         remove_stale_socket(socket_path)?;
-        let server = Server::http_unix(socket_path).map_err(|e| ApiError::Bind {
+        let listener = UnixListener::bind(socket_path).map_err(|e| ApiError::Bind {
             path: socket_path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let server = Arc::new(server);
-        fs::set_permissions(socket_path, fs::Permissions::from_mode(0o600)).map_err(|source| {
-            ApiError::Permissions {
+        let remove_socket = || {
+            let _ = fs::remove_file(socket_path);
+        };
+        if let Err(source) = fs::set_permissions(socket_path, fs::Permissions::from_mode(0o600)) {
+            remove_socket();
+            return Err(ApiError::Permissions {
                 path: socket_path.to_path_buf(),
                 source,
-            }
-        })?;
+            });
+        }
         let shutdown = Arc::new(AtomicBool::new(false));
         let dispatcher = Arc::new(Dispatcher {
             to_vmm: Mutex::new(Some(to_vmm)),
@@ -294,19 +320,63 @@ impl ApiServer {
             shutdown: Arc::clone(&shutdown),
             response_timeout: config.response_timeout,
         });
-        let readers = BodyReaders::new(config.max_body_readers, config.body_timeout)
-            .map_err(ApiError::SpawnThread)?;
-        let body_readers = readers.active();
-        let worker = Worker {
-            server: Arc::clone(&server),
-            dispatcher: Arc::clone(&dispatcher),
-            readers,
-            shutdown: Arc::clone(&shutdown),
-        };
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let thread_dispatcher = Arc::clone(&dispatcher);
+        let thread_shutdown = Arc::clone(&shutdown);
+        let bind_path = socket_path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.to_string())
-            .spawn(move || worker.run())
-            .map_err(ApiError::SpawnThread)?;
+            .spawn(move || {
+                let started = init().map_err(ApiError::ThreadInit).and_then(|()| {
+                    let server =
+                        Server::from_listener(listener, None).map_err(|e| ApiError::Bind {
+                            path: bind_path,
+                            message: e.to_string(),
+                        })?;
+                    let readers = BodyReaders::new(config.max_body_readers, config.body_timeout)
+                        .map_err(ApiError::SpawnThread)?;
+                    Ok((Arc::new(server), readers))
+                });
+                let (server, readers) = match started {
+                    Ok(started) => started,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if ready_tx
+                    .send(Ok((Arc::clone(&server), readers.active())))
+                    .is_err()
+                {
+                    return;
+                }
+                Worker {
+                    server,
+                    dispatcher: thread_dispatcher,
+                    readers,
+                    shutdown: thread_shutdown,
+                }
+                .run();
+            })
+            .map_err(|e| {
+                remove_socket();
+                ApiError::SpawnThread(e)
+            })?;
+        let (server, body_readers) = match ready_rx.recv() {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                remove_socket();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                remove_socket();
+                return Err(ApiError::ThreadInit(
+                    "the API server thread ended while starting".into(),
+                ));
+            }
+        };
         info!("API server listening on {}", socket_path.display());
         Ok(ApiServerHandle {
             server: Some(server),

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::seccomp::SeccompMode;
+
 /// A command-line or option error; its message names what to change.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -315,21 +317,32 @@ pub enum Command {
     /// Print the version and exit 0.
     Version,
     /// Boot a VM.
-    Run(Box<VmConfig>),
+    Run {
+        /// The VM.
+        config: Box<VmConfig>,
+        /// The seccomp filters (`--seccomp`).
+        seccomp: SeccompMode,
+    },
     /// Start without a VM and serve the API on this socket (`--api-socket`
-    /// alone): the VM comes from the Cloud Hypervisor API's `vm.create`.
-    Serve(PathBuf),
+    /// alone, or with `--seccomp`): the VM comes from the Cloud Hypervisor
+    /// API's `vm.create`.
+    Serve {
+        /// The API socket.
+        socket: PathBuf,
+        /// The seccomp filters (`--seccomp`).
+        seccomp: SeccompMode,
+    },
 }
 
 /// The `--help` text.
 pub const USAGE: &str = "\
-usage: tidevm --api-socket PATH    (no VM: create and boot one over the API)
+usage: tidevm --api-socket PATH [--seccomp ...]   (no VM: create and boot one over the API)
        tidevm --kernel PATH [--initrd PATH] [--cmdline \"ARGS\"]
               [--cpus boot=N] [--memory size=SIZE[,hotplug_size=SIZE][,...]]
               [--disk path=FILE[,readonly=on]]... [--serial tty|file=PATH|off]
               [--balloon size=SIZE[,deflate_on_oom=on][,free_page_reporting=on][,stats_period=S]]
               [--vsock cid=N,socket=PATH] [--rng src=PATH]
-              [--api-socket PATH] [--on-reboot exit|restart]
+              [--api-socket PATH] [--on-reboot exit|restart] [--seccomp true|false|log]
 
   --kernel PATH      guest kernel: ELF vmlinux or bzImage
   --initrd PATH      initial ramdisk
@@ -352,6 +365,10 @@ usage: tidevm --api-socket PATH    (no VM: create and boot one over the API)
                      Cloud Hypervisor API v1 under /api/v1/); alone, start with no VM
   --on-reboot ACTION exit (default: a guest reboot ends tidevm with status 0) or
                      restart (boot the guest again in a fresh VM)
+  --seccomp MODE     true (default): each thread may make only the system calls it
+                     needs, and any other ends tidevm (exit status 159) naming the thread
+                     and the call; log: allow all, the kernel logs what would be refused;
+                     false: no filters
   --help, --version
 ";
 
@@ -372,6 +389,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
         "--rng",
         "--api-socket",
         "--on-reboot",
+        "--seccomp",
     ];
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -403,11 +421,21 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
     if single.get("--api-socket").is_some_and(|s| s.is_empty()) {
         return Err(ConfigError::MissingValue("--api-socket".into()));
     }
+    let seccomp = match single.remove("--seccomp") {
+        None => SeccompMode::default(),
+        Some(mode) => mode.parse().map_err(|reason| ConfigError::InvalidValue {
+            flag: "--seccomp",
+            key: "mode".into(),
+            value: mode.clone(),
+            reason,
+        })?,
+    };
     let Some(kernel) = single.remove("--kernel") else {
         return match single.remove("--api-socket") {
-            Some(socket) if single.is_empty() && disks.is_empty() => {
-                Ok(Command::Serve(PathBuf::from(socket)))
-            }
+            Some(socket) if single.is_empty() && disks.is_empty() => Ok(Command::Serve {
+                socket: PathBuf::from(socket),
+                seccomp,
+            }),
             _ => Err(ConfigError::Required("--kernel")),
         };
     };
@@ -454,7 +482,10 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
             CMDLINE_MAX_SIZE - 1
         )));
     }
-    Ok(Command::Run(Box::new(config)))
+    Ok(Command::Run {
+        config: Box::new(config),
+        seccomp,
+    })
 }
 
 pub(crate) fn readable_file(flag: &'static str, path: &str) -> Result<PathBuf> {
@@ -671,7 +702,7 @@ mod tests {
 
     fn run(s: &[&str]) -> Result<VmConfig> {
         match parse_args(args(s))? {
-            Command::Run(c) => Ok(*c),
+            Command::Run { config, .. } => Ok(*config),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -748,8 +779,25 @@ mod tests {
         assert_eq!(err(&[]), "--kernel is required");
         assert!(matches!(
             parse_args(args(&["--api-socket", "/run/a.sock"])),
-            Ok(Command::Serve(p)) if p == std::path::Path::new("/run/a.sock")
+            Ok(Command::Serve { socket, seccomp: SeccompMode::Trap })
+                if socket == std::path::Path::new("/run/a.sock")
         ));
+        assert!(matches!(
+            parse_args(args(&["--api-socket", "/run/a.sock", "--seccomp", "log"])),
+            Ok(Command::Serve {
+                seccomp: SeccompMode::Log,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_args(args(&["--kernel", k, "--seccomp=false"])),
+            Ok(Command::Run {
+                seccomp: SeccompMode::Off,
+                ..
+            })
+        ));
+        assert!(err(&["--kernel", k, "--seccomp", "maybe"])
+            .contains("invalid value 'maybe' for 'mode': expected true, false or log"));
         assert_eq!(
             err(&["--api-socket", "/run/a.sock", "--cpus", "2"]),
             "--kernel is required"

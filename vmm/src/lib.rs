@@ -16,6 +16,7 @@ pub mod hyperv;
 pub mod logger;
 pub mod memory;
 pub mod resize;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vmm;
 
@@ -24,7 +25,7 @@ use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
-use api_server::{ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerHandle};
+use api_server::{ApiRequestEnvelope, ApiResponse, ApiServer, ApiServerConfig, ApiServerHandle};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::Kvm;
@@ -43,6 +44,7 @@ use devices::virtio::mem::{VirtioMem, VirtioMemConfig};
 use memory::hotplug::HotplugBackend;
 use memory::MemoryManager;
 use resize::MemoryDevices;
+use seccomp::{SeccompMode, ThreadKind};
 use vcpu::{Vcpu, VcpuThread};
 pub use vmm::ExitReason;
 use vmm::{ApiChannel, SharedApiChannel, Vmm, VmmAction};
@@ -71,6 +73,9 @@ pub enum VmmError {
     /// A thread or eventfd could not be created.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A seccomp filter could not be installed.
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// Where KVM keeps the three pages of its real-mode TSS (below the IOAPIC,
@@ -86,15 +91,19 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
 /// Runs the VM described by `config` until it stops, and returns why. A
 /// guest reboot with `--on-reboot restart` starts a fresh VM instead; the
 /// API socket is served throughout. All threads are joined on return.
-pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
-    vcpu::install_kick_handler()?;
+///
+/// With `seccomp` other than [`SeccompMode::Off`] every thread runs under
+/// its filter ([`seccomp`]): the API thread from its start, this thread
+/// from before the first VM is built, each vCPU thread from before its
+/// first `KVM_RUN`.
+pub fn run(config: VmConfig, seccomp: SeccompMode) -> Result<ExitReason, VmmError> {
     let socket = config.api_socket.clone();
-    let (api_handle, api_channel) = start_api(socket.as_deref())?;
+    let (api_handle, api_channel) = start_threads(socket.as_deref(), seccomp)?;
     let idle = IdleVmm {
         vm: Some((config, serde_json::Value::Null)),
         shut_down: false,
     };
-    let result = serve(idle, true, api_channel, socket.as_deref());
+    let result = serve(idle, true, api_channel, socket.as_deref(), seccomp);
     if let Some(handle) = api_handle {
         handle.stop();
     }
@@ -104,10 +113,15 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
 /// Starts without a VM and serves the API on `api_socket`: a VM is created
 /// and booted with the Cloud Hypervisor API (`vm.create`, `vm.boot`), and
 /// `vmm.shutdown` (or the guest powering off) ends the run.
-pub fn run_api_only(api_socket: &Path) -> Result<ExitReason, VmmError> {
-    vcpu::install_kick_handler()?;
-    let (api_handle, api_channel) = start_api(Some(api_socket))?;
-    let result = serve(IdleVmm::default(), false, api_channel, Some(api_socket));
+pub fn run_api_only(api_socket: &Path, seccomp: SeccompMode) -> Result<ExitReason, VmmError> {
+    let (api_handle, api_channel) = start_threads(Some(api_socket), seccomp)?;
+    let result = serve(
+        IdleVmm::default(),
+        false,
+        api_channel,
+        Some(api_socket),
+        seccomp,
+    );
     if let Some(handle) = api_handle {
         handle.stop();
     }
@@ -121,6 +135,7 @@ fn serve(
     mut boot_now: bool,
     api: Option<SharedApiChannel>,
     api_socket: Option<&Path>,
+    seccomp: SeccompMode,
 ) -> Result<ExitReason, VmmError> {
     let mut boot_reply: Option<ApiRequestEnvelope> = None;
     loop {
@@ -130,7 +145,7 @@ fn serve(
                 return Err(VmmError::Boot("no VM to boot".into()));
             };
             let ch_config = (!echo.is_null()).then_some(echo);
-            match run_vm(&config, api.clone(), ch_config, &mut boot_reply) {
+            match run_vm(&config, api.clone(), ch_config, &mut boot_reply, seccomp) {
                 Err(e) => match boot_reply.take() {
                     // The VM could not be built: the client hears why and
                     // tidevm keeps waiting.
@@ -188,6 +203,7 @@ fn run_vm(
     api_channel: Option<SharedApiChannel>,
     ch_config: Option<serde_json::Value>,
     boot_reply: &mut Option<ApiRequestEnvelope>,
+    seccomp: SeccompMode,
 ) -> Result<(ExitReason, Option<VmmAction>), VmmError> {
     let kvm = Kvm::new().map_err(kvm_err("cannot open /dev/kvm"))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create a VM"))?);
@@ -371,6 +387,7 @@ fn run_vm(
             vcpu,
             vcpu_tx.clone(),
             vcpu_wake.try_clone()?,
+            seccomp,
         )?);
     }
     log::info!("guest started with {ncpus} vCPUs");
@@ -498,15 +515,37 @@ fn build_cmdline(config: &VmConfig) -> Result<Cmdline, linux_loader::cmdline::Er
     Ok(cmdline)
 }
 
+/// Prepares this process for the VMM loop: signal handlers, the API
+/// server (under the Api filter), then the Vmm filter on this thread.
+fn start_threads(
+    socket: Option<&Path>,
+    seccomp: SeccompMode,
+) -> Result<(Option<ApiServerHandle>, Option<SharedApiChannel>), VmmError> {
+    if seccomp != SeccompMode::Off {
+        seccomp::install_sigsys_handler()?;
+    }
+    vcpu::install_kick_handler()?;
+    let api = start_api(socket, seccomp)?;
+    seccomp::install(ThreadKind::Vmm, seccomp)?;
+    Ok(api)
+}
+
 fn start_api(
     socket: Option<&Path>,
+    seccomp: SeccompMode,
 ) -> Result<(Option<ApiServerHandle>, Option<SharedApiChannel>), VmmError> {
     let Some(path) = socket else {
         return Ok((None, None));
     };
     let (tx, rx) = channel();
     let kick = EventFd::new(EFD_NONBLOCK)?;
-    let handle = ApiServer::start(path, tx, kick.try_clone()?)?;
+    let handle = ApiServer::start_with_init(
+        path,
+        tx,
+        kick.try_clone()?,
+        ApiServerConfig::default(),
+        move || seccomp::install(ThreadKind::Api, seccomp).map_err(|e| e.to_string()),
+    )?;
     log::info!("API listening on {}", path.display());
     Ok((
         Some(handle),

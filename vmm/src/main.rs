@@ -1,6 +1,6 @@
 //! The `tidevm` binary: parse the command line, run the VM, map how it
 //! ended to an exit code (0 guest power-off or reboot, 1 guest crash or VMM
-//! error, 2 bad command line).
+//! error, 2 bad command line; 159 a system call the seccomp filters forbid).
 
 use std::process::ExitCode;
 
@@ -9,7 +9,7 @@ use vmm::ExitReason;
 
 fn main() -> ExitCode {
     vmm::logger::init();
-    let config = match parse_args(std::env::args().skip(1)) {
+    let (config, seccomp) = match parse_args(std::env::args().skip(1)) {
         Ok(Command::Help) => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -18,14 +18,16 @@ fn main() -> ExitCode {
             println!("tidevm {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Ok(Command::Run(config)) => config,
-        Ok(Command::Serve(socket)) => return exit_code(vmm::run_api_only(&socket)),
+        Ok(Command::Run { config, seccomp }) => (config, seccomp),
+        Ok(Command::Serve { socket, seccomp }) => {
+            return exit_code(vmm::run_api_only(&socket, seccomp))
+        }
         Err(e) => {
             eprintln!("tidevm: {e}");
             return ExitCode::from(2);
         }
     };
-    exit_code(vmm::run(*config))
+    exit_code(vmm::run(*config, seccomp))
 }
 
 fn exit_code(result: Result<ExitReason, vmm::VmmError>) -> ExitCode {

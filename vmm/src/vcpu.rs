@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::hyperv::HypervExits;
+use crate::seccomp::{SeccompMode, ThreadKind};
 
 /// Why a vCPU stopped running guest code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +46,7 @@ pub struct VcpuEvent {
 }
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
-fn kick_signal() -> i32 {
+pub(crate) fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
@@ -203,11 +204,13 @@ pub struct VcpuThread {
 
 impl VcpuThread {
     /// Starts `vcpu` on its own thread; its stop is sent on `events` and
-    /// signalled on `wake`.
+    /// signalled on `wake`. The thread installs the vCPU seccomp filter
+    /// (`seccomp`) before it runs guest code.
     pub fn spawn(
         mut vcpu: Vcpu,
         events: Sender<VcpuEvent>,
         wake: EventFd,
+        seccomp: SeccompMode,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
@@ -215,7 +218,10 @@ impl VcpuThread {
         let handle = std::thread::Builder::new()
             .name(format!("tidevm-vcpu{id}"))
             .spawn(move || {
-                let stop = vcpu.run(&thread_stop);
+                let stop = match crate::seccomp::install(ThreadKind::Vcpu, seccomp) {
+                    Ok(()) => vcpu.run(&thread_stop),
+                    Err(e) => VcpuStop::Error(format!("vCPU {id}: {e}")),
+                };
                 if stop != VcpuStop::Stopped {
                     let _ = events.send(VcpuEvent { id, stop });
                     let _ = wake.write(1);
@@ -354,7 +360,8 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let vcpu = Vcpu::new(0, fd, Arc::new(Bus::new()), Arc::new(Bus::new()));
-        let mut thread = VcpuThread::spawn(vcpu, tx, wake.try_clone().unwrap()).unwrap();
+        let mut thread =
+            VcpuThread::spawn(vcpu, tx, wake.try_clone().unwrap(), SeccompMode::Off).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         thread.stop_and_join();
         assert!(
