@@ -550,7 +550,7 @@ mod tests {
             "--on-reboot",
             "restart",
         ];
-        let crate::config::Command::Run(cli) =
+        let crate::config::Command::Run { config: cli, .. } =
             crate::config::parse_args(args.iter().map(|a| a.to_string())).unwrap()
         else {
             panic!("not a VM")
@@ -571,7 +571,7 @@ mod tests {
         assert_eq!(back, expected);
 
         // Without a hotplug region, no method; serial off.
-        let crate::config::Command::Run(cli) =
+        let crate::config::Command::Run { config: cli, .. } =
             crate::config::parse_args(["--kernel", &k, "--serial", "off"].map(String::from))
                 .unwrap()
         else {
