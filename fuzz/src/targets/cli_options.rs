@@ -39,8 +39,8 @@ fn check(args: &[String]) {
         Err(e) => assert!(!e.to_string().is_empty()),
         Ok(Command::Help | Command::Version) => {}
         // Only --api-socket: an empty VMM waiting for vm.create.
-        Ok(Command::Serve(socket)) => assert!(!socket.as_os_str().is_empty()),
-        Ok(Command::Run(c)) => {
+        Ok(Command::Serve { socket, .. }) => assert!(!socket.as_os_str().is_empty()),
+        Ok(Command::Run { config: c, .. }) => {
             assert!((1..=MAX_VCPUS).contains(&c.cpus.boot_vcpus));
             let m = &c.memory;
             let page = vmm::config::page_size();
