@@ -1,7 +1,7 @@
 //! Fuzz targets of tidevm (cargo-fuzz, libFuzzer).
 //!
 //! Every parser of untrusted bytes has a target: what the guest writes
-//! (virtio requests, descriptor chains, virtio-mmio registers; with the
+//! (virtio requests, descriptor chains, virtio-mmio registers, vsock packets; with the
 //! `hyperv` feature, VMBus and Dynamic Memory messages), what API clients
 //! send, and the command line. The logic of each target lives in
 //! [`targets`] as `run(data)`, with its invariants stated at the top of
@@ -53,6 +53,7 @@ pub fn all_targets() -> Vec<Target> {
         target!(api_request),
         target!(api_http),
         target!(cli_options),
+        target!(vsock_packets),
         target!(hyperv::vmbus_message),
         target!(hyperv::vmbus_post_message),
         target!(hyperv::vmbus_gpadl),

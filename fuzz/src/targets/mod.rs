@@ -13,5 +13,6 @@ pub mod cli_options;
 pub mod virtio_mem_queue;
 pub mod virtio_mem_request;
 pub mod virtio_mmio;
+pub mod vsock_packets;
 
 pub mod hyperv;
