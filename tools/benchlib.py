@@ -42,10 +42,11 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[^\[]")
 # --------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------
-def outer_main(script, scenarios, harness_args=(), extra_args=()):
-    """Build the initramfs for each scenario {name: text}, run `script --inner
-    DIR` in one harness run, print where the results are; exit with its
-    status."""
+def outer_main(script, scenarios, harness_args=(), extra_args=(), adds=()):
+    """Build the initramfs for each scenario {name: text} (plus the extra
+    host files `adds`, "SRC:/DEST" as for `tools/guest-assets initramfs
+    --add`), run `script --inner DIR` in one harness run, print where the
+    results are; exit with its status."""
     for p in (TIDEVM, VMLINUX, BZIMAGE):
         if not os.path.exists(p):
             sys.exit(f"{script}: {p} missing (cargo build --release -p vmm; "
@@ -59,7 +60,8 @@ def outer_main(script, scenarios, harness_args=(), extra_args=()):
     for sname, text in scenarios.items():
         out = os.path.join(d, f"initramfs-{sname}.cpio.gz")
         subprocess.run([os.path.join(REPO, "tools", "guest-assets"), "initramfs",
-                        "--out", out, "--scenario-text", text], check=True,
+                        "--out", out, "--scenario-text", text,
+                        *[f"--add={x}" for x in adds]], check=True,
                        stdout=subprocess.DEVNULL)
     cmd = [os.path.join(REPO, "tools", "harness"), *harness_args, "--",
            "python3", os.path.abspath(script), "--inner", d, *extra_args]

@@ -57,10 +57,12 @@ pub fn block_counters(m: &BlockMetricsSnapshot) -> DeviceCounters {
         invalid_requests)
 }
 
-/// vsock: connections, refusals, resets, malformed packets, bytes moved.
+/// vsock: connections, refusals, resets, malformed packets, bytes moved,
+/// packets, driver notifications and interrupts.
 pub fn vsock_counters(m: &VsockMetrics) -> DeviceCounters {
     named!(m; host_connects, guest_connects, refused, closed, lone_resets,
-        dropped_resets, malformed_packets, bytes_to_guest, bytes_to_host)
+        dropped_resets, malformed_packets, bytes_to_guest, bytes_to_host, rx_packets,
+        tx_packets, queue_notifications, interrupts)
 }
 
 /// virtio-rng: requests, bytes, failures.

@@ -56,6 +56,17 @@ pub fn exact_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], Ac
     <[Queue; N]>::try_from(queues).map_err(|_| ActivateError::QueueCount { expected: N, got })
 }
 
+/// Whether the driver's available index is at most one queue ahead of the
+/// device (a larger gap is a broken ring that `virtio_queue` does not pop):
+/// a device going round again after `enable_notification` said "more"
+/// would spin for ever on such a ring.
+pub fn avail_index_valid(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| (idx - std::num::Wrapping(queue.next_avail())).0 <= queue.size())
+}
+
 /// What a virtio interrupt is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InterruptKind {

@@ -273,7 +273,7 @@ impl Block {
                 // when the driver's available index is more than a queue
                 // ahead: `pop_descriptor_chain` refuses that ring, so going
                 // round again would spin forever on the event loop.
-                Ok(true) if avail_index_valid(&active.queue, mem) => continue,
+                Ok(true) if crate::virtio::avail_index_valid(&active.queue, mem) => continue,
                 Ok(true) => {
                     log::error!(
                         "virtio-blk: the driver's available index is more than the queue \
@@ -299,14 +299,6 @@ impl Block {
         }
         processed
     }
-}
-
-/// Whether the driver's available index is at most one queue ahead of the
-/// device (a larger gap is a broken ring that `virtio_queue` does not pop).
-fn avail_index_valid(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
-    queue
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .is_ok_and(|idx| (idx - std::num::Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 /// Writes the status byte; counts a failure when it cannot be written.

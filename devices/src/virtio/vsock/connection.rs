@@ -10,7 +10,9 @@
 //!   only counts bytes the host stream accepted, so a host that stops
 //!   reading stops the guest.
 //! - host → guest: bytes are read from the host stream only when the guest
-//!   has credit for them and there is an RX buffer to put them in.
+//!   has credit for them and there is an RX buffer to put them in; one read
+//!   takes up to [`HOST_READ_CHUNK`] bytes (never more than the credit), which
+//!   then fill the guest's small RX buffers one after the other.
 //!
 //! Nothing here knows about epoll or virtqueues: the muxer tells the
 //! connection what the host stream is ready for and asks it for the next
@@ -26,6 +28,10 @@ use super::packet::{ConnKey, Credit, Op, PacketHeader, SHUTDOWN_RCV, SHUTDOWN_SE
 /// The receive buffer the device advertises for each connection: the most
 /// guest data it holds for a host stream that is not reading.
 pub const BUF_ALLOC: u32 = 256 * 1024;
+/// Most bytes read from the host stream at once, and so most bytes held for
+/// the guest per connection: Linux gives 4 KiB RX buffers, so one read
+/// fills up to 16 of them instead of costing a system call each.
+pub const HOST_READ_CHUNK: usize = 64 * 1024;
 /// How long a host-initiated connection waits for the guest to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -93,6 +99,11 @@ pub struct Connection<S> {
     credit_requested: bool,
     host_readable: bool,
     host_eof: bool,
+    /// Host bytes read but not yet sent to the guest: `staging[staged]`.
+    /// Allocated on the first read; never more than the guest's credit at
+    /// the time of the read.
+    staging: Vec<u8>,
+    staged: std::ops::Range<usize>,
     shutdown_sent: u32,
     bytes_to_guest: u64,
     bytes_to_host: u64,
@@ -118,6 +129,8 @@ impl<S: HostStream> Connection<S> {
             credit_requested: false,
             host_readable: false,
             host_eof: false,
+            staging: Vec::new(),
+            staged: 0..0,
             shutdown_sent: 0,
             bytes_to_guest: 0,
             bytes_to_host: 0,
@@ -174,6 +187,11 @@ impl<S: HostStream> Connection<S> {
         (self.bytes_to_guest, self.bytes_to_host)
     }
 
+    /// Host data read for the guest and not sent yet.
+    pub fn staged(&self) -> usize {
+        self.staged.len()
+    }
+
     /// Guest data waiting for the host stream.
     pub fn buffered(&self) -> usize {
         self.to_host.len() - self.to_host_own
@@ -197,6 +215,7 @@ impl<S: HostStream> Connection<S> {
         };
         self.to_host.clear();
         self.to_host_own = 0;
+        self.staged = 0..0;
         self.deadline = None;
     }
 
@@ -372,20 +391,61 @@ impl<S: HostStream> Connection<S> {
                 self.pending.credit_update
                     || self.pending.credit_request
                     || self.pending.shutdown & !self.shutdown_sent != 0
+                    || self.can_send_data()
                     || self.can_read_host()
-                    || (self.host_readable
-                        && !self.host_eof
-                        && self.peer_free() == 0
-                        && !self.credit_requested)
+                    || (self.wants_to_send() && self.peer_free() == 0 && !self.credit_requested)
             }
         }
     }
 
+    /// Whether host data is waiting (read, or readable) for the guest.
+    fn wants_to_send(&self) -> bool {
+        self.guest_shutdown & SHUTDOWN_RCV == 0
+            && (!self.staged.is_empty() || (self.host_readable && !self.host_eof))
+    }
+
+    fn can_send_data(&self) -> bool {
+        !self.staged.is_empty() && self.guest_shutdown & SHUTDOWN_RCV == 0 && self.peer_free() > 0
+    }
+
     fn can_read_host(&self) -> bool {
-        self.host_readable
+        self.staged.is_empty()
+            && self.host_readable
             && !self.host_eof
             && self.guest_shutdown & SHUTDOWN_RCV == 0
             && self.peer_free() > 0
+    }
+
+    /// Reads up to [`HOST_READ_CHUNK`] bytes (no more than the guest's
+    /// credit) from the host stream into the staging buffer.
+    fn read_host(&mut self) {
+        let want = HOST_READ_CHUNK.min(usize::try_from(self.peer_free()).unwrap_or(usize::MAX));
+        if self.staging.len() < HOST_READ_CHUNK {
+            self.staging.resize(HOST_READ_CHUNK, 0);
+        }
+        loop {
+            match self.stream.read(&mut self.staging[..want]) {
+                Ok(0) => {
+                    self.host_eof = true;
+                    self.pending.shutdown |= SHUTDOWN_SEND;
+                    return;
+                }
+                Ok(n) => {
+                    self.staged = 0..n;
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.host_readable = false;
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("vsock: host stream of {:?} failed: {e}: reset", self.key);
+                    self.reset();
+                    return;
+                }
+            }
+        }
     }
 
     /// The next packet for the guest, with up to `buf.len()` bytes of host
@@ -441,43 +501,39 @@ impl<S: HostStream> Connection<S> {
                 0,
             ));
         }
+        if self.guest_shutdown & SHUTDOWN_RCV != 0 {
+            // The guest takes no more data: what was read for it goes.
+            self.staged = 0..0;
+        }
         if self.can_read_host() && !buf.is_empty() {
-            let want = buf
-                .len()
-                .min(usize::try_from(self.peer_free()).unwrap_or(usize::MAX));
-            loop {
-                match self.stream.read(&mut buf[..want]) {
-                    Ok(0) => {
-                        self.host_eof = true;
-                        self.pending.shutdown |= SHUTDOWN_SEND;
-                        break;
-                    }
-                    Ok(n) => {
-                        self.pending.credit_update = false;
-                        // n <= want <= peer_free, a u32.
-                        let len = u32::try_from(n).unwrap_or(u32::MAX);
-                        self.sent_cnt = self.sent_cnt.wrapping_add(len);
-                        self.bytes_to_guest += n as u64;
-                        let credit = self.credit();
-                        let mut h = PacketHeader::to_guest(guest_cid, key, Op::Rw, credit);
-                        h.len = len;
-                        return Some((h, n));
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        self.host_readable = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        log::debug!("vsock: host stream of {key:?} failed: {e}: reset");
-                        self.reset();
-                        return self.next_packet(guest_cid, buf);
-                    }
-                }
+            self.read_host();
+            if self.state != State::Established {
+                return self.next_packet(guest_cid, buf);
             }
+        }
+        if self.can_send_data() && !buf.is_empty() {
+            let n = buf
+                .len()
+                .min(self.staged.len())
+                .min(usize::try_from(self.peer_free()).unwrap_or(usize::MAX));
+            let start = self.staged.start;
+            buf[..n].copy_from_slice(&self.staging[start..start + n]);
+            self.staged.start += n;
+            self.pending.credit_update = false;
+            // n <= peer_free, a u32.
+            let len = u32::try_from(n).unwrap_or(u32::MAX);
+            self.sent_cnt = self.sent_cnt.wrapping_add(len);
+            self.bytes_to_guest += n as u64;
+            let credit = self.credit();
+            let mut h = PacketHeader::to_guest(guest_cid, key, Op::Rw, credit);
+            h.len = len;
+            return Some((h, n));
+        }
+        if self.pending.shutdown & !self.shutdown_sent != 0 {
+            // The host stream ended just now.
             return self.next_packet(guest_cid, buf);
         }
-        if self.host_readable && !self.host_eof && self.peer_free() == 0 && !self.credit_requested {
+        if self.wants_to_send() && self.peer_free() == 0 && !self.credit_requested {
             self.credit_requested = true;
             self.pending.credit_request = true;
         }
@@ -780,5 +836,119 @@ mod tests {
         c.host_readable();
         let (_, d) = next(&mut c, 0).map_or((PacketHeader::default(), vec![]), |x| x);
         assert!(d.is_empty(), "a zero-sized buffer reads nothing");
+    }
+
+    /// A host stream that hands out `data` and records each read's size.
+    struct CountingStream {
+        data: Vec<u8>,
+        reads: Vec<usize>,
+    }
+
+    impl Read for CountingStream {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads.push(buf.len());
+            if self.data.is_empty() {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data.drain(..n);
+            Ok(n)
+        }
+    }
+
+    impl Write for CountingStream {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl HostStream for CountingStream {
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn counting(data: Vec<u8>, guest_buf_alloc: u32) -> Connection<CountingStream> {
+        let req = guest(Op::Request, 0, guest_buf_alloc, 0);
+        let stream = CountingStream {
+            data,
+            reads: Vec::new(),
+        };
+        let mut c = Connection::guest_initiated(&req, stream);
+        let mut buf = [0u8; 0];
+        let (h, _) = c.next_packet(CID, &mut buf).unwrap();
+        assert_eq!(op_of(&h), Op::Response);
+        c
+    }
+
+    #[test]
+    fn one_host_read_fills_many_small_rx_buffers() {
+        // 40000 bytes for 4 KiB RX buffers: one read, ten packets.
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let mut c = counting(data.clone(), 1 << 20);
+        c.host_readable();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        while let Some((h, n)) = c.next_packet(CID, &mut buf) {
+            assert_eq!((op_of(&h), h.len as usize), (Op::Rw, n));
+            got.extend_from_slice(&buf[..n]);
+            if got.len() == data.len() {
+                break;
+            }
+        }
+        assert_eq!(got, data);
+        assert_eq!(c.stream().reads, [HOST_READ_CHUNK]);
+        assert_eq!(c.bytes_moved().0, 40_000);
+        // Drained: the next read finds nothing and the stream is watched.
+        assert!(c.next_packet(CID, &mut buf).is_none());
+        assert_eq!(c.interest(), (true, false));
+    }
+
+    #[test]
+    fn host_reads_never_exceed_the_guest_credit() {
+        // The guest has room for 6000 bytes: that is all that is read, and
+        // what is held waits for credit, never for more host data.
+        let mut c = counting(vec![5u8; 20_000], 6000);
+        c.host_readable();
+        let mut buf = vec![0u8; 4096];
+        let mut sent = 0;
+        loop {
+            let (h, n) = c.next_packet(CID, &mut buf).unwrap();
+            if op_of(&h) != Op::Rw {
+                assert_eq!(op_of(&h), Op::CreditRequest);
+                break;
+            }
+            sent += n;
+        }
+        assert_eq!((sent, c.staged()), (6000, 0));
+        assert_eq!(c.stream().reads, [6000]);
+        // The guest consumed 5000 bytes: the next read takes 5000.
+        c.guest_packet(
+            &guest(Op::CreditUpdate, 0, 6000, 5000),
+            Op::CreditUpdate,
+            &[],
+        );
+        assert!(c.has_rx_work());
+        let (_, n) = c.next_packet(CID, &mut buf).unwrap();
+        assert_eq!((n, c.staged()), (4096, 904));
+        assert_eq!(c.stream().reads, [6000, 5000]);
+        // The guest shrinks its buffer: the staged bytes wait, nothing more
+        // is read, and credit is asked for once.
+        c.guest_packet(&guest(Op::CreditUpdate, 0, 0, 5000), Op::CreditUpdate, &[]);
+        let (h, _) = c.next_packet(CID, &mut buf).unwrap();
+        assert_eq!(op_of(&h), Op::CreditRequest);
+        assert!(c.next_packet(CID, &mut buf).is_none());
+        assert_eq!((c.staged(), c.stream().reads.len()), (904, 2));
+        // A guest that stops receiving drops them.
+        let mut h = guest(Op::Shutdown, 0, 0, 5000);
+        h.flags = SHUTDOWN_RCV;
+        c.guest_packet(&h, Op::Shutdown, &[]);
+        assert!(c.next_packet(CID, &mut buf).is_none());
+        assert_eq!(c.staged(), 0);
     }
 }

@@ -22,9 +22,10 @@ use super::packet::{
     parse_tx_packet, PacketError, EVENT_SIZE, EVENT_TRANSPORT_RESET, HEADER_SIZE, MAX_PAYLOAD,
 };
 use super::{VsockError, QUEUE_SIZE, VIRTIO_ID_VSOCK};
+use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::{
-    read_config_space, ActivateError, GuestMemory, InterruptKind, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    avail_index_valid, read_config_space, ActivateError, GuestMemory, InterruptKind, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Queue indexes.
@@ -53,6 +54,8 @@ pub struct Vsock {
     active: Option<Active>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
+    /// The queue counters of [`VsockMetrics`] (the muxer keeps the rest).
+    queue_metrics: VsockMetrics,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -82,6 +85,7 @@ impl Vsock {
             active: None,
             rx_buf: vec![0; MAX_PAYLOAD],
             tx_buf: vec![0; HEADER_SIZE + MAX_PAYLOAD + 1],
+            queue_metrics: VsockMetrics::default(),
         })
     }
 
@@ -97,7 +101,14 @@ impl Vsock {
 
     /// The device's counters.
     pub fn metrics(&self) -> VsockMetrics {
-        self.muxer.metrics()
+        let q = &self.queue_metrics;
+        VsockMetrics {
+            rx_packets: q.rx_packets,
+            tx_packets: q.tx_packets,
+            queue_notifications: q.queue_notifications,
+            interrupts: q.interrupts,
+            ..self.muxer.metrics()
+        }
     }
 
     /// The muxer's epoll fd (host-side events).
@@ -118,6 +129,9 @@ impl Vsock {
             // Non-blocking: an error only means it was not signalled.
             let _ = evt.read();
         }
+        if index == TX_QUEUE || index == RX_QUEUE {
+            self.queue_metrics.queue_notifications += 1;
+        }
         match index {
             TX_QUEUE => {
                 self.process_tx();
@@ -132,6 +146,11 @@ impl Vsock {
     }
 
     /// Takes every packet the driver queued on TX.
+    ///
+    /// The driver's notifications are off while the queue is drained and
+    /// back on (with `VIRTIO_RING_F_EVENT_IDX`: for the next new packet)
+    /// once it is empty, so a driver queueing packets while the device works
+    /// does not exit to the VMM for each.
     pub fn process_tx(&mut self) -> usize {
         let Some(active) = self.active.as_mut() else {
             return 0;
@@ -140,84 +159,117 @@ impl Vsock {
         let mem: &GuestMemoryMmap = &guard;
         let queue = &mut active.queues[TX_QUEUE];
         let mut processed = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            processed += 1;
-            let head = chain.head_index();
-            match chain.reader(mem) {
-                Ok(mut reader) => {
-                    let n = reader.available_bytes().min(self.tx_buf.len());
-                    match reader.read_exact(&mut self.tx_buf[..n]) {
-                        Ok(()) => handle_tx_bytes(&mut self.muxer, &self.tx_buf[..n], self.cid),
-                        Err(e) => {
-                            log::debug!("vsock: unreadable TX buffer: {e}");
-                            self.muxer.count_malformed();
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                log::error!("vsock: TX queue error: {e}");
+                break;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                processed += 1;
+                let head = chain.head_index();
+                match chain.reader(mem) {
+                    Ok(mut reader) => {
+                        let n = reader.available_bytes().min(self.tx_buf.len());
+                        match reader.read_exact(&mut self.tx_buf[..n]) {
+                            Ok(()) => {
+                                handle_tx_bytes(&mut self.muxer, &self.tx_buf[..n], self.cid);
+                            }
+                            Err(e) => {
+                                log::debug!("vsock: unreadable TX buffer: {e}");
+                                self.muxer.count_malformed();
+                            }
                         }
                     }
+                    Err(e) => {
+                        log::debug!("vsock: bad TX chain: {e}");
+                        self.muxer.count_malformed();
+                    }
                 }
-                Err(e) => {
-                    log::debug!("vsock: bad TX chain: {e}");
-                    self.muxer.count_malformed();
+                if let Err(e) = queue.add_used(mem, head, 0) {
+                    log::error!("vsock: cannot return TX descriptor {head}: {e}");
                 }
             }
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                log::error!("vsock: cannot return TX descriptor {head}: {e}");
+            if !rearm(queue, mem, "TX") {
+                break;
             }
         }
-        if processed > 0 {
-            notify(queue, mem, &active.interrupt);
+        self.queue_metrics.tx_packets += processed as u64;
+        if processed > 0 && notify(queue, mem, &active.interrupt) {
+            self.queue_metrics.interrupts += 1;
         }
         processed
     }
 
     /// Fills RX buffers while the muxer has packets for the guest.
+    ///
+    /// The driver is asked to notify the RX queue only when the device ran
+    /// out of buffers with packets waiting: then its next buffers (a
+    /// refill) bring the device back at once, and a driver refilling while
+    /// buffers are left does not exit to the VMM for nothing.
     pub fn process_rx(&mut self) -> usize {
         let Some(active) = self.active.as_mut() else {
             return 0;
         };
+        if !self.muxer.has_rx_work() {
+            return 0;
+        }
         let guard = active.mem.memory();
         let mem: &GuestMemoryMmap = &guard;
         let queue = &mut active.queues[RX_QUEUE];
         let mut used = 0;
-        while self.muxer.has_rx_work() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut writer = match chain.writer(mem) {
-                Ok(w) if w.available_bytes() >= HEADER_SIZE => w,
-                Ok(_) | Err(_) => {
-                    log::debug!("vsock: RX chain {head} cannot hold a header");
-                    self.muxer.count_malformed();
-                    if let Err(e) = queue.add_used(mem, head, 0) {
-                        log::error!("vsock: cannot return RX descriptor {head}: {e}");
-                    }
-                    used += 1;
-                    continue;
-                }
-            };
-            let room = (writer.available_bytes() - HEADER_SIZE).min(self.rx_buf.len());
-            let Some((header, n)) = self.muxer.next_rx_packet(&mut self.rx_buf[..room]) else {
-                queue.go_to_previous_position();
-                break;
-            };
-            let len = match writer
-                .write_all(&header.to_bytes())
-                .and_then(|()| writer.write_all(&self.rx_buf[..n]))
-            {
-                // n <= MAX_PAYLOAD: the total fits u32.
-                Ok(()) => u32::try_from(HEADER_SIZE + n).unwrap_or(0),
-                Err(e) => {
-                    log::error!("vsock: cannot write an RX packet: {e}");
-                    0
-                }
-            };
-            if let Err(e) = queue.add_used(mem, head, len) {
-                log::error!("vsock: cannot return RX descriptor {head}: {e}");
-            }
-            used += 1;
+        if let Err(e) = queue.disable_notification(mem) {
+            log::error!("vsock: RX queue error: {e}");
         }
-        if used > 0 {
-            notify(queue, mem, &active.interrupt);
+        loop {
+            let mut starved = false;
+            while self.muxer.has_rx_work() {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    starved = true;
+                    break;
+                };
+                let head = chain.head_index();
+                let mut writer = match chain.writer(mem) {
+                    Ok(w) if w.available_bytes() >= HEADER_SIZE => w,
+                    Ok(_) | Err(_) => {
+                        log::debug!("vsock: RX chain {head} cannot hold a header");
+                        self.muxer.count_malformed();
+                        if let Err(e) = queue.add_used(mem, head, 0) {
+                            log::error!("vsock: cannot return RX descriptor {head}: {e}");
+                        }
+                        used += 1;
+                        continue;
+                    }
+                };
+                let room = (writer.available_bytes() - HEADER_SIZE).min(self.rx_buf.len());
+                let Some((header, n)) = self.muxer.next_rx_packet(&mut self.rx_buf[..room]) else {
+                    queue.go_to_previous_position();
+                    break;
+                };
+                let len = match writer
+                    .write_all(&header.to_bytes())
+                    .and_then(|()| writer.write_all(&self.rx_buf[..n]))
+                {
+                    // n <= MAX_PAYLOAD: the total fits u32.
+                    Ok(()) => u32::try_from(HEADER_SIZE + n).unwrap_or(0),
+                    Err(e) => {
+                        log::error!("vsock: cannot write an RX packet: {e}");
+                        0
+                    }
+                };
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    log::error!("vsock: cannot return RX descriptor {head}: {e}");
+                }
+                used += 1;
+            }
+            // Out of buffers with packets waiting: have the driver notify
+            // its next buffers, and look again for ones it added just now.
+            if !starved || !rearm(queue, mem, "RX") {
+                break;
+            }
+        }
+        self.queue_metrics.rx_packets += used as u64;
+        if used > 0 && notify(queue, mem, &active.interrupt) {
+            self.queue_metrics.interrupts += 1;
         }
         used
     }
@@ -287,16 +339,43 @@ fn handle_tx_bytes(muxer: &mut Muxer, bytes: &[u8], cid: u64) {
     }
 }
 
-/// Raises the queue interrupt if the driver wants one.
-fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &VirtioInterrupt) {
-    match queue.needs_notification(mem) {
+/// Turns the driver's notifications of `queue` back on; whether buffers
+/// came in meanwhile (then the caller goes round again). A ring whose
+/// available index is more than a queue ahead is left stalled rather than
+/// spun on.
+fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap, name: &str) -> bool {
+    match queue.enable_notification(mem) {
+        Ok(true) if avail_index_valid(queue, mem) => true,
         Ok(true) => {
-            if let Err(e) = interrupt.trigger(InterruptKind::Queue) {
-                log::error!("vsock: raising the queue interrupt failed: {e}");
-            }
+            log::error!(
+                "vsock: the driver's {name} available index is more than the queue size \
+                 ahead; the queue is stalled until the driver resets the device"
+            );
+            false
         }
-        Ok(false) => {}
-        Err(e) => log::error!("vsock: checking for notification failed: {e:?}"),
+        Ok(false) => false,
+        Err(e) => {
+            log::error!("vsock: {name} queue error: {e}");
+            false
+        }
+    }
+}
+
+/// Raises the queue interrupt if the driver wants one; whether it did.
+fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &VirtioInterrupt) -> bool {
+    match queue.needs_notification(mem) {
+        Ok(true) => match interrupt.trigger(InterruptKind::Queue) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("vsock: raising the queue interrupt failed: {e}");
+                false
+            }
+        },
+        Ok(false) => false,
+        Err(e) => {
+            log::error!("vsock: checking for notification failed: {e:?}");
+            false
+        }
     }
 }
 
@@ -310,8 +389,10 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        // No feature bit: stream sockets only.
-        VIRTIO_F_VERSION_1
+        // No vsock feature bit: stream sockets only. Event index
+        // suppression keeps notifications and interrupts to what each side
+        // needs (see `process_tx`, `process_rx`).
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -367,7 +448,7 @@ mod tests {
 
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic};
 
     use super::super::packet::{Op, PacketHeader, HOST_CID, TYPE_STREAM};
     use super::*;
@@ -395,13 +476,21 @@ mod tests {
         name: &str,
         mem: &GuestMemoryMmap,
         queues: [&MockSplitQueue<GuestMemoryMmap>; 3],
+        event_idx: bool,
     ) -> Rig {
         let path = std::env::temp_dir().join(format!("tidevm-vsdev-{}-{name}", std::process::id()));
         let mut dev = Vsock::new(3, &path).unwrap();
         let mem = mem.clone();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
-        let qs = queues.iter().map(|q| q.create_queue().unwrap()).collect();
+        let qs = queues
+            .iter()
+            .map(|q| {
+                let mut q: Queue = q.create_queue().unwrap();
+                q.set_event_idx(event_idx);
+                q
+            })
+            .collect();
         dev.activate(GuestMemoryAtomic::new(mem.clone()), interrupt, qs)
             .unwrap();
         Rig {
@@ -468,7 +557,10 @@ mod tests {
         let mut dev = Vsock::new(42, &path).unwrap();
         assert_eq!(dev.device_type(), 19);
         assert_eq!(dev.queue_max_sizes().len(), 3);
-        assert_eq!(dev.avail_features(), VIRTIO_F_VERSION_1);
+        assert_eq!(
+            dev.avail_features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        );
         let mut cid = [0u8; 8];
         dev.read_config(0, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), 42);
@@ -503,7 +595,7 @@ mod tests {
             MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16),
             MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16),
         );
-        let mut r = rig("refused", &mem, [&rxq, &txq, &evq]);
+        let mut r = rig("refused", &mem, [&rxq, &txq, &evq], false);
         // A request for host port 9 (nobody listens), header split in two.
         let h = guest_header(Op::Request, 9, 0).to_bytes();
         r.mem
@@ -539,7 +631,7 @@ mod tests {
             MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16),
             MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16),
         );
-        let mut r = rig("hostile", &mem, [&rxq, &txq, &evq]);
+        let mut r = rig("hostile", &mem, [&rxq, &txq, &evq], false);
         // Outside guest memory; a short header; a length beyond the chain;
         // a huge descriptor; a write-only TX descriptor.
         chain(&txq, &[desc(0x1_0000_0000, 44, 0)], 0);
@@ -566,6 +658,80 @@ mod tests {
         assert!(r.dev.metrics().malformed_packets >= 4);
     }
 
+    /// The `avail_event` the device published in a queue's used ring: the
+    /// driver notifies when its available index passes it.
+    fn avail_event(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, size: u64) -> u16 {
+        mem.read_obj(q.used_addr().unchecked_add(4 + 8 * size))
+            .unwrap()
+    }
+
+    #[test]
+    fn waiting_data_goes_out_when_the_driver_adds_rx_buffers() {
+        let mem = memory();
+        let (rxq, txq, evq) = (
+            MockSplitQueue::new(&mem, 16),
+            MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16),
+            MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16),
+        );
+        let mut r = rig("refill", &mem, [&rxq, &txq, &evq], true);
+        let mut client = UnixStream::connect(&r.path).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        // One RX buffer the size Linux gives (a header and 4 KiB): the
+        // request takes it.
+        const RX_LEN: u32 = 44 + 4096;
+        chain(&rxq, &[desc(0x31_0000, RX_LEN, W)], 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while r.dev.metrics().host_connects == 0 {
+            assert!(std::time::Instant::now() < deadline);
+            r.dev.process_host_events();
+        }
+        assert_eq!(used(&rxq, 0), (0, 44));
+        let mut hdr = [0u8; 44];
+        r.mem.read_slice(&mut hdr, GuestAddress(0x31_0000)).unwrap();
+        let host_port = PacketHeader::from_bytes(&hdr).src_port;
+        let mut resp = guest_header(Op::Response, host_port, 0);
+        resp.src_port = 1024;
+        r.mem
+            .write_slice(&resp.to_bytes(), GuestAddress(0x30_0000))
+            .unwrap();
+        chain(&txq, &[desc(0x30_0000, 44, 0)], 0);
+        r.dev.queue_event(TX_QUEUE);
+        // TX was drained: the driver's next packet is to be notified.
+        assert_eq!(avail_event(&r.mem, &txq, 16), 1);
+        let mut line = [0u8; 14];
+        client.read_exact(&mut line).unwrap();
+        // The host sends 10000 bytes while the guest has no RX buffer.
+        client.write_all(&[0x5a; 10_000]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !r.dev.muxer.has_rx_work() {
+            assert!(std::time::Instant::now() < deadline);
+            r.dev.process_host_events();
+        }
+        r.dev.process_host_events();
+        assert_eq!(rxq.used().idx().load(), 1, "no buffer to put them in");
+        // The device asked to hear of the driver's next RX buffer ...
+        assert_eq!(avail_event(&r.mem, &rxq, 16), 1);
+        // ... and its notification delivers everything. (Whether the guest
+        // gets an interrupt is its `used_event`, which `MockSplitQueue`
+        // lays its used ring over: not checked here.)
+        for i in 1..4u16 {
+            chain(
+                &rxq,
+                &[desc(0x31_0000 + u64::from(i) * 0x2000, RX_LEN, W)],
+                i,
+            );
+        }
+        r.dev.queue_event(RX_QUEUE);
+        assert_eq!(rxq.used().idx().load(), 4);
+        assert_eq!(used(&rxq, 1), (1, RX_LEN));
+        assert_eq!(used(&rxq, 2), (2, RX_LEN));
+        assert_eq!(used(&rxq, 3), (3, 44 + 10_000 - 2 * 4096));
+        let m = r.dev.metrics();
+        assert_eq!((m.rx_packets, m.tx_packets), (4, 1));
+        assert_eq!(m.queue_notifications, 2, "one TX, one RX");
+        assert_eq!(m.bytes_to_guest, 10_000);
+    }
+
     #[test]
     fn host_connection_through_the_queues() {
         let mem = memory();
@@ -574,7 +740,7 @@ mod tests {
             MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16),
             MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16),
         );
-        let mut r = rig("conn", &mem, [&rxq, &txq, &evq]);
+        let mut r = rig("conn", &mem, [&rxq, &txq, &evq], false);
         let mut client = UnixStream::connect(&r.path).unwrap();
         client.write_all(b"CONNECT 1024\n").unwrap();
         for i in 0..4u16 {

@@ -59,6 +59,14 @@ pub struct VsockMetrics {
     pub bytes_to_guest: u64,
     /// Payload bytes of closed connections, guest to host.
     pub bytes_to_host: u64,
+    /// Packets put in RX buffers (to the guest).
+    pub rx_packets: u64,
+    /// TX chains taken from the driver (from the guest).
+    pub tx_packets: u64,
+    /// Driver notifications of the RX and TX queues.
+    pub queue_notifications: u64,
+    /// Queue interrupts raised (the driver asked for them).
+    pub interrupts: u64,
 }
 
 struct Entry {
@@ -776,6 +784,64 @@ mod tests {
         assert!(rest.is_empty());
         assert_eq!(m.connection_count(), 0);
         assert_eq!(m.metrics().guest_connects, 1);
+    }
+
+    #[test]
+    fn credit_goes_back_to_the_guest_as_soon_as_the_host_reads() {
+        let sock = TempSock::new("credit");
+        let mut m = Muxer::new(CID, &sock.0).unwrap();
+        let port_path = TempSock(PathBuf::from(format!("{}_4321", sock.0.display())));
+        let listener = UnixListener::bind(&port_path.0).unwrap();
+        send(&mut m, Op::Request, 50000, 4321, &[]);
+        let (mut server, _) = listener.accept().unwrap();
+        assert_eq!(ops(&drain(&mut m)), [Op::Response]);
+        // The guest uses all the credit it was given, and what it is told
+        // it got back; the host reads none of it yet, so part of it waits
+        // in the device and the guest is out of credit.
+        let chunk = vec![3u8; 4096];
+        let mut sent = 0u32;
+        let mut announced = 0u32;
+        loop {
+            while sent - announced < BUF_ALLOC {
+                send(&mut m, Op::Rw, 50000, 4321, &chunk);
+                sent += 4096;
+            }
+            let updates: Vec<u32> = drain(&mut m)
+                .iter()
+                .filter(|(h, _)| Op::from_wire(h.op) == Some(Op::CreditUpdate))
+                .map(|(h, _)| h.fwd_cnt)
+                .collect();
+            match updates.last() {
+                Some(&fwd_cnt) => announced = fwd_cnt,
+                None => break,
+            }
+        }
+        assert!(!m.timer_armed, "no deadline pending: no timer");
+        // The host reads everything: the stream turning writable is what
+        // gives the guest its credit back, with no timer running.
+        let sent = sent as usize;
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; sent];
+            server.read_exact(&mut buf).unwrap();
+            server
+        });
+        let mut updates = Vec::new();
+        pump(&mut m, |m| {
+            updates.extend(
+                drain(m)
+                    .into_iter()
+                    .filter(|(h, _)| Op::from_wire(h.op) == Some(Op::CreditUpdate))
+                    .map(|(h, _)| h.fwd_cnt),
+            );
+            // At least half the buffer is the guest's again.
+            updates
+                .last()
+                .is_some_and(|&fwd| sent - fwd as usize <= BUF_ALLOC as usize / 2)
+        });
+        assert!(!m.timer_armed);
+        // The rest still goes to the host.
+        pump(&mut m, |_| reader.is_finished());
+        let _server = reader.join().unwrap();
     }
 
     #[test]

@@ -9,7 +9,15 @@
 //!                                 print SENT=N SUM=<fnv> REPLY=<what came back>
 //! vsock-probe connect CID PORT    connect and close; prints CONNECTED=1 or
 //!                                 CONNECT_ERR=<errno> with the time it took
+//! vsock-probe sink PORT           read every connection to its end, one thread
+//!                                 each, and answer `RECEIVED=<bytes>\n`;
+//!                                 prints LISTENING=PORT once bound
+//! vsock-probe source CID PORT N   connect, send N bytes as fast as possible
+//!                                 (no pattern), close; prints SOURCED=N MS=<ms>
 //! ```
+//!
+//! `sink` and `source` are for throughput (tools/bench-vsock): no checksum,
+//! one 256 KiB buffer written or read over and over.
 //!
 //! The pattern and checksum come from the library half of this crate,
 //! which the host side of the tests uses too.
@@ -48,6 +56,76 @@ fn echo(mut conn: File) {
     let _ = shutdown_write(&conn);
 }
 
+/// Size of the buffer `sink` and `source` read and write with.
+const BULK_BUF: usize = 256 * 1024;
+
+/// `listen`, with [`sink`] instead of [`echo`] for each connection.
+fn sink_server(port: u32) -> io::Result<()> {
+    let fd = vsock_socket()?;
+    let addr = address(libc::VMADDR_CID_ANY, port);
+    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            ADDR_LEN,
+        )
+    };
+    // SAFETY: listen on a socket we own.
+    if bound != 0 || unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    println!("LISTENING={port}");
+    io::stdout().flush()?;
+    loop {
+        // SAFETY: accept without an address buffer.
+        let c = unsafe { libc::accept(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+        if c < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: c is a fresh descriptor owned by nobody else.
+        let conn = File::from(unsafe { OwnedFd::from_raw_fd(c) });
+        std::thread::spawn(move || sink(conn));
+    }
+}
+
+fn sink(mut conn: File) {
+    let mut buf = vec![0u8; BULK_BUF];
+    let mut total = 0u64;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+    let _ = conn.write_all(format!("RECEIVED={total}\n").as_bytes());
+    shutdown_write(&conn);
+}
+
+fn source(cid: u32, port: u32, total: u64) -> io::Result<()> {
+    let start = Instant::now();
+    let mut conn = connect(cid, port)?;
+    let buf = vec![0xa5u8; BULK_BUF];
+    let mut sent = 0u64;
+    while sent < total {
+        let n = usize::try_from(total - sent).map_or(buf.len(), |left| left.min(buf.len()));
+        conn.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    shutdown_write(&conn);
+    // Wait for the host to close: all data was taken.
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest)?;
+    println!("SOURCED={sent} MS={}", start.elapsed().as_millis());
+    Ok(())
+}
+
 fn send(cid: u32, port: u32, total: u64) -> io::Result<()> {
     let mut conn = connect(cid, port)?;
     let mut sum = Fnv::default();
@@ -78,7 +156,10 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> T {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: vsock-probe listen PORT | send CID PORT BYTES | connect CID PORT");
+    eprintln!(
+        "usage: vsock-probe listen PORT | send CID PORT BYTES | connect CID PORT \
+         | sink PORT | source CID PORT BYTES"
+    );
     std::process::exit(2)
 }
 
@@ -87,6 +168,8 @@ fn main() {
     let result = match args.get(1).map(String::as_str) {
         Some("listen") => listen(arg(&args, 2)),
         Some("send") => send(arg(&args, 2), arg(&args, 3), arg(&args, 4)),
+        Some("sink") => sink_server(arg(&args, 2)),
+        Some("source") => source(arg(&args, 2), arg(&args, 3), arg(&args, 4)),
         Some("connect") => {
             let start = Instant::now();
             let r = connect(arg(&args, 2), arg(&args, 3));
