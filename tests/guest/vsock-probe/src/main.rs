@@ -61,34 +61,11 @@ const BULK_BUF: usize = 256 * 1024;
 
 /// `listen`, with [`sink`] instead of [`echo`] for each connection.
 fn sink_server(port: u32) -> io::Result<()> {
-    let fd = vsock_socket()?;
-    let addr = address(libc::VMADDR_CID_ANY, port);
-    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
-    let bound = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            ADDR_LEN,
-        )
-    };
-    // SAFETY: listen on a socket we own.
-    if bound != 0 || unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let listener = Listener::bind(port, 128)?;
     println!("LISTENING={port}");
     io::stdout().flush()?;
     loop {
-        // SAFETY: accept without an address buffer.
-        let c = unsafe { libc::accept(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
-        if c < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // SAFETY: c is a fresh descriptor owned by nobody else.
-        let conn = File::from(unsafe { OwnedFd::from_raw_fd(c) });
+        let conn = listener.accept()?;
         std::thread::spawn(move || sink(conn));
     }
 }
@@ -105,7 +82,7 @@ fn sink(mut conn: File) {
         }
     }
     let _ = conn.write_all(format!("RECEIVED={total}\n").as_bytes());
-    shutdown_write(&conn);
+    let _ = shutdown_write(&conn);
 }
 
 fn source(cid: u32, port: u32, total: u64) -> io::Result<()> {
@@ -118,7 +95,7 @@ fn source(cid: u32, port: u32, total: u64) -> io::Result<()> {
         conn.write_all(&buf[..n])?;
         sent += n as u64;
     }
-    shutdown_write(&conn);
+    shutdown_write(&conn)?;
     // Wait for the host to close: all data was taken.
     let mut rest = Vec::new();
     conn.read_to_end(&mut rest)?;
