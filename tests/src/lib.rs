@@ -579,19 +579,25 @@ impl Agent {
     /// `SOURCE len`: the number of bytes received and their checksum.
     pub fn source(&self, len: u64) -> (u64, u64) {
         let mut s = self.request(&format!("SOURCE {len}")).expect("SOURCE");
-        let mut sum = Fnv::default();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut got = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => return (got, sum.value()),
-                Ok(n) => {
-                    sum.update(&buf[..n]);
-                    got += n as u64;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => panic!("SOURCE read failed after {got} bytes: {e}"),
+        read_summing(&mut s, "SOURCE")
+    }
+}
+
+/// Reads `from` to its end: the number of bytes and their checksum.
+/// Panics, naming `what`, on a read error.
+pub fn read_summing(from: &mut impl Read, what: &str) -> (u64, u64) {
+    let mut sum = Fnv::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return (got, sum.value()),
+            Ok(n) => {
+                sum.update(&buf[..n]);
+                got += n as u64;
             }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("{what}: read failed after {got} bytes: {e}"),
         }
     }
 }

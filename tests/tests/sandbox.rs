@@ -9,13 +9,13 @@
 //! Measured and printed (not asserted): process start to the agent's first
 //! answer, idle RSS, vsock throughput each way, resize convergence.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use e2e::*;
 use serde_json::Value;
-use vsock_probe::{pattern_sum, Fnv};
+use vsock_probe::pattern_sum;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const BOOT_SIZE: u64 = 512 * MIB;
@@ -231,21 +231,8 @@ fn sandbox_boots_answers_on_vsock_resizes_and_shuts_down() {
     let listener = UnixListener::bind(format!("{}_5000", socket.display())).unwrap();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut sum = Fnv::default();
-        let mut total = 0u64;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    sum.update(&buf[..n]);
-                    total += n as u64;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => panic!("host listener read failed: {e}"),
-            }
-        }
-        s.write_all(format!("HOST-GOT={total},{:016x}\n", sum.value()).as_bytes())
+        let (total, sum) = read_summing(&mut s, "host listener");
+        s.write_all(format!("HOST-GOT={total},{sum:016x}\n").as_bytes())
             .unwrap();
         total
     });

@@ -197,21 +197,8 @@ fn vsock_guest_connects_to_a_host_listener_and_rng() {
             if stall {
                 std::thread::sleep(Duration::from_secs(1));
             }
-            let mut sum = Fnv::default();
-            let mut total = 0u64;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        sum.update(&buf[..n]);
-                        total += n as u64;
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => panic!("host listener read failed: {e}"),
-                }
-            }
-            s.write_all(format!("SUM={:016x},BYTES={total}\n", sum.value()).as_bytes())
+            let (total, sum) = read_summing(&mut s, "host listener");
+            s.write_all(format!("SUM={sum:016x},BYTES={total}\n").as_bytes())
                 .unwrap();
             totals.push(total);
         }

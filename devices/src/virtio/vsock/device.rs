@@ -472,6 +472,21 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
     }
 
+    /// RX, TX and event queues of 16 entries, apart in `mem`.
+    fn three_queues(
+        mem: &GuestMemoryMmap,
+    ) -> (
+        MockSplitQueue<'_, GuestMemoryMmap>,
+        MockSplitQueue<'_, GuestMemoryMmap>,
+        MockSplitQueue<'_, GuestMemoryMmap>,
+    ) {
+        (
+            MockSplitQueue::new(mem, 16),
+            MockSplitQueue::create(mem, GuestAddress(0x10_0000), 16),
+            MockSplitQueue::create(mem, GuestAddress(0x20_0000), 16),
+        )
+    }
+
     fn rig(
         name: &str,
         mem: &GuestMemoryMmap,
@@ -590,11 +605,7 @@ mod tests {
     #[test]
     fn refused_request_gets_a_reset_in_a_split_rx_buffer() {
         let mem = memory();
-        let (rxq, txq, evq) = (
-            MockSplitQueue::new(&mem, 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16),
-        );
+        let (rxq, txq, evq) = three_queues(&mem);
         let mut r = rig("refused", &mem, [&rxq, &txq, &evq], false);
         // A request for host port 9 (nobody listens), header split in two.
         let h = guest_header(Op::Request, 9, 0).to_bytes();
@@ -626,11 +637,7 @@ mod tests {
     #[test]
     fn hostile_chains_are_returned_and_answered() {
         let mem = memory();
-        let (rxq, txq, evq) = (
-            MockSplitQueue::new(&mem, 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16),
-        );
+        let (rxq, txq, evq) = three_queues(&mem);
         let mut r = rig("hostile", &mem, [&rxq, &txq, &evq], false);
         // Outside guest memory; a short header; a length beyond the chain;
         // a huge descriptor; a write-only TX descriptor.
@@ -668,11 +675,7 @@ mod tests {
     #[test]
     fn waiting_data_goes_out_when_the_driver_adds_rx_buffers() {
         let mem = memory();
-        let (rxq, txq, evq) = (
-            MockSplitQueue::new(&mem, 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16),
-        );
+        let (rxq, txq, evq) = three_queues(&mem);
         let mut r = rig("refill", &mem, [&rxq, &txq, &evq], true);
         let mut client = UnixStream::connect(&r.path).unwrap();
         client.write_all(b"CONNECT 1024\n").unwrap();
@@ -735,11 +738,7 @@ mod tests {
     #[test]
     fn host_connection_through_the_queues() {
         let mem = memory();
-        let (rxq, txq, evq) = (
-            MockSplitQueue::new(&mem, 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16),
-        );
+        let (rxq, txq, evq) = three_queues(&mem);
         let mut r = rig("conn", &mem, [&rxq, &txq, &evq], false);
         let mut client = UnixStream::connect(&r.path).unwrap();
         client.write_all(b"CONNECT 1024\n").unwrap();
