@@ -52,6 +52,7 @@ pub fn all_targets() -> Vec<Target> {
         target!(virtio_mmio),
         target!(api_request),
         target!(api_http),
+        target!(ch_api_body),
         target!(cli_options),
         target!(vsock_packets),
         target!(hyperv::vmbus_message),

@@ -9,6 +9,7 @@ pub mod balloon_queue;
 pub mod balloon_stats;
 pub mod blk_queue;
 pub mod blk_request;
+pub mod ch_api_body;
 pub mod cli_options;
 pub mod virtio_mem_queue;
 pub mod virtio_mem_request;

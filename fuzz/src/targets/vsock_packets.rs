@@ -54,7 +54,10 @@ fn check_parse(bytes: &[u8]) {
     };
     let h = PacketHeader::from_bytes(head.try_into().expect("a header"));
     assert_eq!(PacketHeader::from_bytes(&h.to_bytes()), h);
-    assert_eq!(reset_for(&h, GUEST_CID).is_none(), h.op == Op::Rst.to_wire());
+    assert_eq!(
+        reset_for(&h, GUEST_CID).is_none(),
+        h.op == Op::Rst.to_wire()
+    );
     let len = usize::try_from(h.len).unwrap_or(usize::MAX);
     let expected = if h.src_cid != GUEST_CID {
         Err(PacketError::WrongSourceCid(h.src_cid))
@@ -86,7 +89,10 @@ fn guest_sends(muxer: &mut Muxer, bytes: &[u8]) {
         }
         Err(e) => {
             muxer.count_malformed();
-            if matches!(e, PacketError::Truncated { .. } | PacketError::PayloadTooLong(_)) {
+            if matches!(
+                e,
+                PacketError::Truncated { .. } | PacketError::PayloadTooLong(_)
+            ) {
                 let head = bytes[..HEADER_SIZE].try_into().expect("a header");
                 muxer.refuse(&PacketHeader::from_bytes(head));
             }
@@ -141,7 +147,11 @@ fn packet_from(b: &mut Bytes) -> Vec<u8> {
         v @ 0..=250 => u16::from(v % 9),
         _ => b.u16(),
     };
-    let type_ = if sel & 0x40 == 0 { TYPE_STREAM } else { b.u16() };
+    let type_ = if sel & 0x40 == 0 {
+        TYPE_STREAM
+    } else {
+        b.u16()
+    };
     let flags = u32::from(b.u8() % 4);
     let buf_alloc = b.u32();
     let fwd_cnt = b.u32();
@@ -175,7 +185,9 @@ pub fn run(data: &[u8]) {
     let listened = listened_path(&path);
     let _ = std::fs::remove_file(&listened);
     let listener = UnixListener::bind(&listened).expect("bind the host listener");
-    listener.set_nonblocking(true).expect("nonblocking listener");
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
     let mut muxer = Muxer::new(GUEST_CID, &path).expect("the muxer");
     let mut host_streams: Vec<UnixStream> = Vec::new();
     let mut requests = 0usize;
@@ -295,7 +307,16 @@ pub fn seeds() -> Vec<Vec<u8>> {
     drain(&mut credit);
 
     let mut truncated = Seed::new();
-    truncated.u8(0).u8(0x85).u8(0).u8(5).u8(0).u32(0).u32(0).blob(b"xy").u32(500);
+    truncated
+        .u8(0)
+        .u8(0x85)
+        .u8(0)
+        .u8(5)
+        .u8(0)
+        .u32(0)
+        .u32(0)
+        .blob(b"xy")
+        .u32(500);
     vec![
         connect_and_talk.finish(),
         refused.finish(),
