@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use api_server::client;
-use vsock_probe::{fill_pattern, Fnv};
+use vsock_probe::{write_pattern, Fnv};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -604,17 +604,7 @@ pub fn read_summing(from: &mut impl Read, what: &str) -> (u64, u64) {
 
 /// Writes `len` pattern bytes; returns their checksum.
 pub fn send_pattern(to: &mut impl Write, len: u64) -> u64 {
-    let mut sum = Fnv::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut sent = 0u64;
-    while sent < len {
-        let n = usize::try_from(len - sent).map_or(buf.len(), |left| left.min(buf.len()));
-        fill_pattern(&mut buf[..n], sent);
-        to.write_all(&buf[..n]).expect("send pattern bytes");
-        sum.update(&buf[..n]);
-        sent += n as u64;
-    }
-    sum.value()
+    write_pattern(to, len).expect("send pattern bytes")
 }
 
 /// Prints a measurement and appends it to `report.txt` in `work` (the

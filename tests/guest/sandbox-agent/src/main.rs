@@ -25,7 +25,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 
 use vsock_probe::socket::{connect, shutdown_write, Listener, HOST_CID};
-use vsock_probe::{fill_pattern, Fnv};
+use vsock_probe::{write_pattern, Fnv};
 
 /// The port the agent listens on unless told otherwise.
 const DEFAULT_PORT: u32 = 1024;
@@ -130,17 +130,7 @@ fn sink(from: &mut impl Read) -> io::Result<(u64, u64)> {
 
 /// Writes `bytes` pattern bytes; returns their checksum.
 fn source(mut to: &File, bytes: u64) -> io::Result<u64> {
-    let mut sum = Fnv::default();
-    let mut buf = vec![0u8; CHUNK];
-    let mut sent = 0u64;
-    while sent < bytes {
-        let n = usize::try_from(bytes - sent).map_or(buf.len(), |left| left.min(buf.len()));
-        fill_pattern(&mut buf[..n], sent);
-        to.write_all(&buf[..n])?;
-        sum.update(&buf[..n]);
-        sent += n as u64;
-    }
-    Ok(sum.value())
+    write_pattern(&mut to, bytes)
 }
 
 /// A pipe: (read end, write end), both close-on-exec.

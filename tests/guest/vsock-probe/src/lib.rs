@@ -42,18 +42,25 @@ pub fn fill_pattern(buf: &mut [u8], offset: u64) {
     }
 }
 
-/// The checksum of the first `len` pattern bytes.
-pub fn pattern_sum(len: u64) -> u64 {
+/// Writes the first `len` pattern bytes to `to`, 64 KiB at a time;
+/// returns their checksum.
+pub fn write_pattern(to: &mut impl std::io::Write, len: u64) -> std::io::Result<u64> {
     let mut sum = Fnv::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut done = 0u64;
     while done < len {
         let n = usize::try_from(len - done).map_or(buf.len(), |left| left.min(buf.len()));
         fill_pattern(&mut buf[..n], done);
+        to.write_all(&buf[..n])?;
         sum.update(&buf[..n]);
         done += n as u64;
     }
-    sum.value()
+    Ok(sum.value())
+}
+
+/// The checksum of the first `len` pattern bytes.
+pub fn pattern_sum(len: u64) -> u64 {
+    write_pattern(&mut std::io::sink(), len).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -27,15 +27,17 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use vsock_probe::socket::{connect, shutdown_write, Listener};
-use vsock_probe::{fill_pattern, Fnv};
+use vsock_probe::write_pattern;
 
-fn listen(port: u32) -> io::Result<()> {
+/// Listens on `port` (prints `LISTENING=PORT` once bound) and hands each
+/// connection to `handle` on a thread of its own.
+fn serve(port: u32, handle: fn(File)) -> io::Result<()> {
     let listener = Listener::bind(port, 128)?;
     println!("LISTENING={port}");
     io::stdout().flush()?;
     loop {
         let conn = listener.accept()?;
-        std::thread::spawn(move || echo(conn));
+        std::thread::spawn(move || handle(conn));
     }
 }
 
@@ -58,17 +60,6 @@ fn echo(mut conn: File) {
 
 /// Size of the buffer `sink` and `source` read and write with.
 const BULK_BUF: usize = 256 * 1024;
-
-/// `listen`, with [`sink`] instead of [`echo`] for each connection.
-fn sink_server(port: u32) -> io::Result<()> {
-    let listener = Listener::bind(port, 128)?;
-    println!("LISTENING={port}");
-    io::stdout().flush()?;
-    loop {
-        let conn = listener.accept()?;
-        std::thread::spawn(move || sink(conn));
-    }
-}
 
 fn sink(mut conn: File) {
     let mut buf = vec![0u8; BULK_BUF];
@@ -105,24 +96,11 @@ fn source(cid: u32, port: u32, total: u64) -> io::Result<()> {
 
 fn send(cid: u32, port: u32, total: u64) -> io::Result<()> {
     let mut conn = connect(cid, port)?;
-    let mut sum = Fnv::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut sent = 0u64;
-    while sent < total {
-        let n = usize::try_from(total - sent).map_or(buf.len(), |left| left.min(buf.len()));
-        fill_pattern(&mut buf[..n], sent);
-        conn.write_all(&buf[..n])?;
-        sum.update(&buf[..n]);
-        sent += n as u64;
-    }
+    let sum = write_pattern(&mut conn, total)?;
     shutdown_write(&conn)?;
     let mut reply = String::new();
     conn.read_to_string(&mut reply)?;
-    println!(
-        "SENT={sent} SUM={:016x} REPLY={}",
-        sum.value(),
-        reply.trim()
-    );
+    println!("SENT={total} SUM={sum:016x} REPLY={}", reply.trim());
     Ok(())
 }
 
@@ -143,9 +121,9 @@ fn usage() -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
-        Some("listen") => listen(arg(&args, 2)),
+        Some("listen") => serve(arg(&args, 2), echo),
         Some("send") => send(arg(&args, 2), arg(&args, 3), arg(&args, 4)),
-        Some("sink") => sink_server(arg(&args, 2)),
+        Some("sink") => serve(arg(&args, 2), sink),
         Some("source") => source(arg(&args, 2), arg(&args, 3), arg(&args, 4)),
         Some("connect") => {
             let start = Instant::now();
