@@ -251,30 +251,36 @@ fn api(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, ser
 }
 
 fn wait_for_socket(socket: &Path, child: &mut Child) {
-    let start = Instant::now();
-    while request(socket, "GET", "/api/v1/vmm.ping", None).is_err() {
+    let up = wait_until(|| {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("tidevm ended at start: {status}");
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no API socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        request(socket, "GET", "/api/v1/vmm.ping", None).is_ok()
+    });
+    assert!(up, "no API socket");
 }
 
 /// Waits until `GET /vm/info` (or `vm.info`) reports `state`.
-fn wait_for_state(socket: &Path, path: &str, state: &str) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
+fn wait_for_state(socket: &Path, path: &str, state: &str) {
+    let mut last = String::new();
+    let reached = wait_until(|| {
         let (status, info) = api(socket, "GET", path, None);
-        if status == 200 && info["state"] == state {
-            return info;
+        last = format!("{status} {info}");
+        status == 200 && info["state"] == state
+    });
+    assert!(reached, "{path}: still {last}");
+}
+
+/// Polls `done` every 20 ms for up to 30 s; whether it came true.
+fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() >= Duration::from_secs(30) {
+            return false;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{path}: still {status} {info}"
-        );
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 #[test]
@@ -345,14 +351,10 @@ fn with_filters_on_every_device_the_api_and_a_reboot_work() {
     assert_eq!(status, 204, "{body}");
     wait_for_state(&socket, "/api/v1/vm.info", "Running");
     let console = work.dir.join("console.txt");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::fs::read(&console).unwrap_or_default() != b"OK\n" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rebooted guest never wrote its console line"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_until(|| std::fs::read(&console).unwrap_or_default() == b"OK\n"),
+        "the rebooted guest never wrote its console line"
+    );
     let (status, body) = api(&socket, "PUT", "/api/v1/vm.shutdown", None);
     assert_eq!(status, 204, "{body}");
     wait_for_state(&socket, "/api/v1/vm.info", "Shutdown");
