@@ -157,7 +157,9 @@ fn sandbox_boots_answers_on_vsock_resizes_and_shuts_down() {
 
     // 256 MiB each way, checksummed on both ends.
     let started = Instant::now();
-    let (answer, sent_sum) = agent.sink(STREAM);
+    let (answer, sent_sum) = agent
+        .sink(STREAM)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.hang_report()));
     let took = started.elapsed();
     assert_eq!(
         answer,
@@ -174,7 +176,9 @@ fn sandbox_boots_answers_on_vsock_resizes_and_shuts_down() {
         ),
     );
     let started = Instant::now();
-    let (got, sum) = agent.source(STREAM);
+    let (got, sum) = agent
+        .source(STREAM)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.hang_report()));
     let took = started.elapsed();
     assert_eq!(got, STREAM, "the whole stream arrived");
     assert_eq!(sum, pattern_sum(STREAM), "the host got the guest's pattern");

@@ -58,11 +58,15 @@ pub fn block_counters(m: &BlockMetricsSnapshot) -> DeviceCounters {
 }
 
 /// vsock: connections, refusals, resets, malformed packets, bytes moved,
-/// packets, driver notifications and interrupts.
+/// packets, driver notifications and interrupts; and what waits now
+/// (open connections, those out of guest credit or with packets queued,
+/// RX buffers offered and TX chains queued by the driver, not yet used).
 pub fn vsock_counters(m: &VsockMetrics) -> DeviceCounters {
     named!(m; host_connects, guest_connects, refused, closed, lone_resets,
         dropped_resets, malformed_packets, bytes_to_guest, bytes_to_host, rx_packets,
-        tx_packets, queue_notifications, interrupts)
+        tx_packets, queue_notifications, interrupts, open_connections,
+        connections_waiting_for_credit, connections_with_rx_work, rx_buffers_offered,
+        tx_chains_queued, interrupt_unacknowledged)
 }
 
 /// virtio-rng: requests, bytes, failures.

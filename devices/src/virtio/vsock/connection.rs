@@ -398,6 +398,11 @@ impl<S: HostStream> Connection<S> {
         }
     }
 
+    /// Whether host data waits for the guest and the guest has no credit.
+    pub fn waits_for_credit(&self) -> bool {
+        self.state == State::Established && self.wants_to_send() && self.peer_free() == 0
+    }
+
     /// Whether host data is waiting (read, or readable) for the guest.
     fn wants_to_send(&self) -> bool {
         self.guest_shutdown & SHUTDOWN_RCV == 0

@@ -10,7 +10,9 @@
 //!   ([`Vsock::transport_reset`]).
 
 use std::io::{Read, Write};
+use std::num::Wrapping;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -102,11 +104,28 @@ impl Vsock {
     /// The device's counters.
     pub fn metrics(&self) -> VsockMetrics {
         let q = &self.queue_metrics;
+        let waiting = |index: usize| {
+            self.active.as_ref().map_or(0, |a| {
+                let queue = &a.queues[index];
+                let guard = a.mem.memory();
+                queue
+                    .avail_idx(&*guard, Ordering::Acquire)
+                    .map_or(0, |avail| {
+                        u64::from((avail - Wrapping(queue.next_avail())).0)
+                    })
+            })
+        };
         VsockMetrics {
             rx_packets: q.rx_packets,
             tx_packets: q.tx_packets,
             queue_notifications: q.queue_notifications,
             interrupts: q.interrupts,
+            rx_buffers_offered: waiting(RX_QUEUE),
+            tx_chains_queued: waiting(TX_QUEUE),
+            interrupt_unacknowledged: self
+                .active
+                .as_ref()
+                .map_or(0, |a| u64::from(a.interrupt.status() != 0)),
             ..self.muxer.metrics()
         }
     }
@@ -714,6 +733,17 @@ mod tests {
         assert_eq!(rxq.used().idx().load(), 1, "no buffer to put them in");
         // The device asked to hear of the driver's next RX buffer ...
         assert_eq!(avail_event(&r.mem, &rxq, 16), 1);
+        // What waits shows in the counters (a hang report reads them).
+        let m = r.dev.metrics();
+        assert_eq!(
+            (
+                m.open_connections,
+                m.connections_with_rx_work,
+                m.rx_buffers_offered
+            ),
+            (1, 1, 0)
+        );
+        assert_eq!(m.connections_waiting_for_credit, 0);
         // ... and its notification delivers everything. (Whether the guest
         // gets an interrupt is its `used_event`, which `MockSplitQueue`
         // lays its used ring over: not checked here.)
@@ -724,6 +754,7 @@ mod tests {
                 i,
             );
         }
+        assert_eq!(r.dev.metrics().rx_buffers_offered, 3);
         r.dev.queue_event(RX_QUEUE);
         assert_eq!(rxq.used().idx().load(), 4);
         assert_eq!(used(&rxq, 1), (1, RX_LEN));
@@ -733,6 +764,9 @@ mod tests {
         assert_eq!((m.rx_packets, m.tx_packets), (4, 1));
         assert_eq!(m.queue_notifications, 2, "one TX, one RX");
         assert_eq!(m.bytes_to_guest, 10_000);
+        // All buffers used; the connection stays queued until a read of
+        // the host stream finds it empty.
+        assert_eq!((m.rx_buffers_offered, m.connections_with_rx_work), (0, 1));
     }
 
     #[test]

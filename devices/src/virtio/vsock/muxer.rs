@@ -67,6 +67,21 @@ pub struct VsockMetrics {
     pub queue_notifications: u64,
     /// Queue interrupts raised (the driver asked for them).
     pub interrupts: u64,
+    /// Now: open connections.
+    pub open_connections: u64,
+    /// Now: open connections with host data for the guest and no guest
+    /// credit left (they wait for the driver's credit update).
+    pub connections_waiting_for_credit: u64,
+    /// Now: open connections with packets, or host data not yet read, for
+    /// the guest.
+    pub connections_with_rx_work: u64,
+    /// Now: RX buffers the driver offered that the device has not used.
+    pub rx_buffers_offered: u64,
+    /// Now: TX chains the driver queued that the device has not taken.
+    pub tx_chains_queued: u64,
+    /// Now: 1 while the device's interrupt status holds bits the driver
+    /// has not acknowledged (an interrupt raised and not yet handled).
+    pub interrupt_unacknowledged: u64,
 }
 
 struct Entry {
@@ -153,6 +168,9 @@ impl Muxer {
             let (to_guest, to_host) = e.conn.bytes_moved();
             m.bytes_to_guest += to_guest;
             m.bytes_to_host += to_host;
+            m.open_connections += 1;
+            m.connections_waiting_for_credit += u64::from(e.conn.waits_for_credit());
+            m.connections_with_rx_work += u64::from(e.conn.has_rx_work());
         }
         m
     }
