@@ -13,6 +13,7 @@ use devices::virtio::block::{BlockMetrics, BlockMetricsSnapshot};
 use devices::virtio::mem::MemMetrics;
 use devices::virtio::rng::{Rng, RngMetrics};
 use devices::virtio::vsock::{Vsock, VsockMetrics};
+use devices::virtio::VirtioInterrupt;
 
 use crate::resize::MemoryDevices;
 
@@ -25,6 +26,8 @@ pub struct CountedDevices {
     pub vsock: Option<Arc<Mutex<Vsock>>>,
     /// The entropy device.
     pub rng: Option<Arc<Mutex<Rng>>>,
+    /// Every virtio device's interrupt.
+    pub virtio_interrupts: Vec<Arc<VirtioInterrupt>>,
 }
 
 /// A [`DeviceCounters`] map of the named fields of `$m`, keyed by field name.
@@ -124,6 +127,13 @@ pub fn collect(memory: &MemoryDevices, counted: &CountedDevices) -> VmCounters {
     if let Some(dm) = &memory.hv_balloon {
         let r = dm.lock().expect("hv-balloon").report();
         all.insert("hv-balloon".to_string(), hv_balloon_counters(&r));
+    }
+    if !counted.virtio_interrupts.is_empty() {
+        let reraised = counted.virtio_interrupts.iter().map(|i| i.reraised()).sum();
+        all.insert(
+            "virtio-mmio".to_string(),
+            DeviceCounters::from([("interrupts_reraised".to_string(), reraised)]),
+        );
     }
     all
 }

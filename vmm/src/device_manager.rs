@@ -92,6 +92,7 @@ pub struct DeviceManager {
     pub platform: PlatformEvents,
     acpi_devices: Vec<Box<dyn Aml>>,
     virtio_transports: Vec<Arc<Mutex<MmioTransport>>>,
+    virtio_interrupts: Vec<Arc<VirtioInterrupt>>,
     next_irq: u32,
     next_mmio: u64,
 }
@@ -116,6 +117,7 @@ impl DeviceManager {
             mmio: Bus::new(),
             acpi_devices: Vec::new(),
             virtio_transports: Vec::new(),
+            virtio_interrupts: Vec::new(),
             next_irq: arch::layout::DEVICE_IRQ_BASE,
             next_mmio: arch::layout::DEVICE_MMIO_START,
             platform: PlatformEvents {
@@ -173,6 +175,12 @@ impl DeviceManager {
         Ok(dm)
     }
 
+    /// The interrupt of each virtio device added so far, for the event
+    /// loop's check of interrupts the guest never acknowledged.
+    pub fn virtio_interrupts(&self) -> Vec<Arc<VirtioInterrupt>> {
+        self.virtio_interrupts.clone()
+    }
+
     /// Adds a virtio device behind a virtio-mmio transport: an MMIO window,
     /// an interrupt line (irqfd), one ioeventfd per queue, an ACPI entry,
     /// and the device itself on the event loop.
@@ -208,6 +216,7 @@ impl DeviceManager {
         };
         register_irqfd(vm, &irq_evt, irq, &format!("the interrupt of {name}"))?;
         let interrupt = Arc::new(VirtioInterrupt::new(irq_evt));
+        self.virtio_interrupts.push(interrupt.clone());
         let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             as_virtio,

@@ -366,6 +366,8 @@ fn run_vm(
 
     let (vcpu_tx, vcpu_rx) = channel();
     let vcpu_wake = EventFd::new(EFD_NONBLOCK)?;
+    let interrupts = dm.virtio_interrupts();
+    counted.virtio_interrupts = interrupts.clone();
     let vmm = Arc::new(Mutex::new(Vmm::new(
         config.clone(),
         memory,
@@ -404,12 +406,38 @@ fn run_vm(
             break reason.clone();
         }
         running.advance_resize();
+        drop(running);
+        reraise_unacknowledged_interrupts(&interrupts);
     };
     for thread in &mut threads {
         thread.stop_and_join();
     }
     let action = vmm.lock().expect("vmm").action();
     Ok((reason, action))
+}
+
+/// How long a virtio interrupt may wait for the driver's acknowledgement
+/// before it is raised again (the event loop looks at least every 500 ms).
+const INTERRUPT_ACK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Raises each virtio interrupt the guest left unacknowledged for
+/// [`INTERRUPT_ACK_GRACE`] again: an edge it never saw would otherwise hang
+/// the device and the driver, each waiting for the other (seen in the
+/// nested harness: the sandbox's vsock stream stopped with the interrupt
+/// status set and 174 RX buffers unused).
+fn reraise_unacknowledged_interrupts(interrupts: &[Arc<devices::virtio::VirtioInterrupt>]) {
+    let now = std::time::Instant::now();
+    for (index, interrupt) in interrupts.iter().enumerate() {
+        if interrupt.reraise_if_unacknowledged(now, INTERRUPT_ACK_GRACE) {
+            let times = interrupt.reraised();
+            if times.is_power_of_two() {
+                log::warn!(
+                    "virtio device {index}: the guest left its interrupt unacknowledged \
+                     for {INTERRUPT_ACK_GRACE:?}; raised it again ({times} times so far)"
+                );
+            }
+        }
+    }
 }
 
 /// Creates the virtio-mem device (over the hotplug region, unless the

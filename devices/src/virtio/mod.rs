@@ -15,7 +15,9 @@ pub mod mmio;
 pub mod rng;
 pub mod vsock;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -78,10 +80,26 @@ pub enum InterruptKind {
 
 /// The interrupt line of one virtio device: an ISR status word plus an
 /// irqfd that KVM turns into a guest interrupt.
+///
+/// The irqfd is an edge: a driver that never sees one never acknowledges
+/// the status, and with `VIRTIO_RING_F_EVENT_IDX` the device raises no
+/// other for the same work, so both sides wait for ever.
+/// [`VirtioInterrupt::reraise_if_unacknowledged`] raises a status left
+/// unacknowledged again (a level-triggered line would stay asserted).
 #[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
     irq: EventFd,
+    acknowledgements: AtomicU64,
+    reraised: AtomicU64,
+    watch: Mutex<UnacknowledgedWatch>,
+}
+
+/// What [`VirtioInterrupt::reraise_if_unacknowledged`] saw last time.
+#[derive(Debug, Default)]
+struct UnacknowledgedWatch {
+    acknowledgements: u64,
+    pending_since: Option<Instant>,
 }
 
 impl VirtioInterrupt {
@@ -90,7 +108,48 @@ impl VirtioInterrupt {
         Self {
             status: AtomicU32::new(0),
             irq,
+            acknowledgements: AtomicU64::new(0),
+            reraised: AtomicU64::new(0),
+            watch: Mutex::default(),
         }
+    }
+
+    /// Raises the interrupt again when its status bits have waited for the
+    /// driver, with no acknowledgement, for `grace` or more since `now` was
+    /// first seen so; returns whether it did. Called periodically by the
+    /// VMM's event loop. A needless extra interrupt is harmless: the driver
+    /// reads a non-zero status and handles it.
+    pub fn reraise_if_unacknowledged(&self, now: Instant, grace: Duration) -> bool {
+        let mut watch = self.watch.lock().expect("interrupt watch");
+        let acks = self.acknowledgements.load(Ordering::SeqCst);
+        if self.status.load(Ordering::SeqCst) == 0 {
+            watch.pending_since = None;
+            return false;
+        }
+        match watch.pending_since {
+            Some(since) if watch.acknowledgements == acks => {
+                if now.saturating_duration_since(since) < grace {
+                    return false;
+                }
+                watch.pending_since = Some(now);
+                if self.irq.write(1).is_err() {
+                    return false;
+                }
+                self.reraised.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            _ => {
+                watch.acknowledgements = acks;
+                watch.pending_since = Some(now);
+                false
+            }
+        }
+    }
+
+    /// How many times [`VirtioInterrupt::reraise_if_unacknowledged`]
+    /// raised the interrupt again.
+    pub fn reraised(&self) -> u64 {
+        self.reraised.load(Ordering::SeqCst)
     }
 
     /// Sets the status bit for `kind` and raises the interrupt.
@@ -111,6 +170,7 @@ impl VirtioInterrupt {
     /// Clears the bits the driver acknowledged.
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+        self.acknowledgements.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Clears all bits (device reset).
@@ -195,5 +255,37 @@ mod tests {
         assert_eq!(out, [0, 0, 0]);
         read_config_space(&space, 0, &mut out);
         assert_eq!(out, [1, 2, 3]);
+    }
+
+    #[test]
+    fn an_unacknowledged_interrupt_is_raised_again_after_the_grace() {
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let int = VirtioInterrupt::new(irq.try_clone().unwrap());
+        let grace = Duration::from_secs(1);
+        let t0 = Instant::now();
+        // Nothing pending: nothing to do.
+        assert!(!int.reraise_if_unacknowledged(t0, grace));
+        int.trigger(InterruptKind::Queue).unwrap();
+        assert_eq!(irq.read().unwrap(), 1);
+        // Seen pending; within the grace it is left alone.
+        assert!(!int.reraise_if_unacknowledged(t0, grace));
+        assert!(!int.reraise_if_unacknowledged(t0 + grace / 2, grace));
+        assert!(irq.read().is_err(), "no extra edge yet");
+        // Still unacknowledged after the grace: raised again, once.
+        assert!(int.reraise_if_unacknowledged(t0 + grace, grace));
+        assert_eq!(irq.read().unwrap(), 1);
+        assert!(!int.reraise_if_unacknowledged(t0 + grace, grace));
+        assert_eq!(int.reraised(), 1);
+        // The driver acknowledges and a new interrupt comes: its grace
+        // starts when it is first seen.
+        int.acknowledge(INTERRUPT_STATUS_USED_RING);
+        int.trigger(InterruptKind::Queue).unwrap();
+        assert!(!int.reraise_if_unacknowledged(t0 + grace * 3, grace));
+        assert!(!int.reraise_if_unacknowledged(t0 + grace * 3 + grace / 2, grace));
+        assert!(int.reraise_if_unacknowledged(t0 + grace * 4, grace));
+        // Acknowledged: nothing more.
+        int.acknowledge(INTERRUPT_STATUS_USED_RING);
+        assert!(!int.reraise_if_unacknowledged(t0 + grace * 10, grace));
+        assert_eq!(int.reraised(), 2);
     }
 }
