@@ -422,9 +422,9 @@ const INTERRUPT_ACK_GRACE: std::time::Duration = std::time::Duration::from_secs(
 
 /// Raises each virtio interrupt the guest left unacknowledged for
 /// [`INTERRUPT_ACK_GRACE`] again: an edge it never saw would otherwise hang
-/// the device and the driver, each waiting for the other (seen in the
+/// the device and the driver, each waiting for the other (a stall in the
 /// nested harness: the sandbox's vsock stream stopped with the interrupt
-/// status set and 174 RX buffers unused).
+/// status set and 174 RX buffers unused; docs/benchmarks.md).
 fn reraise_unacknowledged_interrupts(interrupts: &[Arc<devices::virtio::VirtioInterrupt>]) {
     let now = std::time::Instant::now();
     for (index, interrupt) in interrupts.iter().enumerate() {
