@@ -350,6 +350,19 @@ impl Drop for Vm {
     }
 }
 
+/// How many times tidevm must have raised one interrupt again, the guest
+/// acknowledging none of them, before a failing test counts the guest as
+/// stopped (16: tidevm re-raises once a second and logs the 16th time).
+const IGNORED_INTERRUPTS: u64 = 16;
+
+/// From tidevm's "raised it again (N times so far)" log line: N, else 0.
+fn ignored_interrupts(line: &str) -> u64 {
+    line.split_once("raised it again (")
+        .and_then(|(_, rest)| rest.split_once(" times so far)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The line tidevm logs when a vCPU reports KVM_EXIT_SHUTDOWN.
 const GUEST_TRIPLE_FAULT: &str = "guest triple fault";
 
@@ -359,8 +372,11 @@ const GUEST_TRIPLE_FAULT: &str = "guest triple fault";
 pub const GUEST_RESETS_DIR: &str = "guest-resets";
 
 /// Called when a test fails with a VM still held: if tidevm saw the guest
-/// triple-fault (KVM_EXIT_SHUTDOWN, a reset the test did not ask for),
-/// writes the evidence to `$TIDEVM_E2E_WORK/guest-resets/<test>`.
+/// triple-fault (KVM_EXIT_SHUTDOWN, a reset the test did not ask for), or
+/// the guest leave one interrupt unacknowledged through 16 re-raises (a
+/// guest that stopped taking interrupts: its vsock stream stalls with the
+/// device waiting on it), writes the evidence to
+/// `$TIDEVM_E2E_WORK/guest-resets/<test>`.
 ///
 /// In the nested harness, KVM under QEMU's TCG-emulated SVM resets guests
 /// now and then while their memory is discarded, under tidevm and QEMU
@@ -369,7 +385,11 @@ pub const GUEST_RESETS_DIR: &str = "guest-resets";
 fn record_unrequested_guest_reset(stderr: &str) {
     let resets: Vec<&str> = stderr
         .lines()
-        .filter(|l| l.contains(GUEST_TRIPLE_FAULT) || l.contains("triple fault, state"))
+        .filter(|l| {
+            l.contains(GUEST_TRIPLE_FAULT)
+                || l.contains("triple fault, state")
+                || ignored_interrupts(l) >= IGNORED_INTERRUPTS
+        })
         .collect();
     let (Some(base), Some(test)) = (
         std::env::var_os("TIDEVM_E2E_WORK"),
@@ -674,4 +694,18 @@ pub fn report(work: &Path, line: &str) {
 /// MiB per second.
 pub fn mib_per_s(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / MIB as f64 / t.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn re_raise_counts_are_read_from_tidevm_log_lines() {
+        let line = "[tidevm  203.4] WARN vmm: virtio device 0: the guest left its interrupt \
+                    unacknowledged for 1s; raised it again (64 times so far)";
+        assert_eq!(ignored_interrupts(line), 64);
+        assert_eq!(ignored_interrupts("raised it again (x times so far)"), 0);
+        assert_eq!(ignored_interrupts("INFO vmm: guest started"), 0);
+    }
 }
