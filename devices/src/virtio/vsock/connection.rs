@@ -12,9 +12,7 @@
 //! - host → guest: bytes are read from the host stream only when the guest
 //!   has credit for them and there is an RX buffer to put them in; one read
 //!   takes up to [`HOST_READ_CHUNK`] bytes (never more than the credit), which
-//!   then fill the guest's small RX buffers one after the other. A guest
-//!   window smaller than one such buffer is left to grow rather than
-//!   filled with small packets ([`MIN_DATA_PACKET`]).
+//!   then fill the guest's small RX buffers one after the other.
 //!
 //! Nothing here knows about epoll or virtqueues: the muxer tells the
 //! connection what the host stream is ready for and asks it for the next
@@ -34,13 +32,6 @@ pub const BUF_ALLOC: u32 = 256 * 1024;
 /// the guest per connection: Linux gives 4 KiB RX buffers, so one read
 /// fills up to 16 of them instead of costing a system call each.
 pub const HOST_READ_CHUNK: usize = 64 * 1024;
-/// The smallest data packet worth sending while more host data waits (a
-/// Linux RX buffer's payload). A guest window smaller than that is left to
-/// grow instead of being filled with small packets: each packet costs the
-/// guest a queued buffer, and Linux resets a connection whose receive
-/// queue holds more buffers than its `buf_alloc` allows for their
-/// bookkeeping (576 bytes each in 6.12), whatever the bytes in them.
-pub const MIN_DATA_PACKET: u32 = 4096;
 /// How long a host-initiated connection waits for the guest to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -270,28 +261,6 @@ impl<S: HostStream> Connection<S> {
         self.peer.buf_alloc.saturating_sub(in_flight)
     }
 
-    /// The credit the device uses now: the guest's free space, or 0 while
-    /// that is smaller than a worthwhile packet ([`MIN_DATA_PACKET`], a
-    /// quarter of a smaller `buf_alloc`, or all the data that waits). The
-    /// guest's window then grows again when its reader catches up: Linux
-    /// sends a credit update when its receive queue runs empty.
-    fn send_window(&self) -> u32 {
-        let free = self.peer_free();
-        let waiting = if self.staged.is_empty() {
-            MIN_DATA_PACKET
-        } else {
-            u32::try_from(self.staged.len()).unwrap_or(u32::MAX)
-        };
-        let worthwhile = MIN_DATA_PACKET
-            .min((self.peer.buf_alloc / 4).max(1))
-            .min(waiting);
-        if free >= worthwhile {
-            free
-        } else {
-            0
-        }
-    }
-
     /// Handles a packet from the guest for this connection; `payload` is
     /// the packet's data (only RW carries any).
     pub fn guest_packet(&mut self, header: &PacketHeader, op: Op, payload: &[u8]) {
@@ -306,7 +275,7 @@ impl<S: HostStream> Connection<S> {
             buf_alloc: header.buf_alloc,
             fwd_cnt: header.fwd_cnt,
         };
-        if self.peer_free() != before && self.send_window() > 0 {
+        if self.peer_free() != before {
             self.credit_requested = false;
         }
         match (op, self.state) {
@@ -424,14 +393,14 @@ impl<S: HostStream> Connection<S> {
                     || self.pending.shutdown & !self.shutdown_sent != 0
                     || self.can_send_data()
                     || self.can_read_host()
-                    || (self.wants_to_send() && self.send_window() == 0 && !self.credit_requested)
+                    || (self.wants_to_send() && self.peer_free() == 0 && !self.credit_requested)
             }
         }
     }
 
     /// Whether host data waits for the guest and the guest has no credit.
     pub fn waits_for_credit(&self) -> bool {
-        self.state == State::Established && self.wants_to_send() && self.send_window() == 0
+        self.state == State::Established && self.wants_to_send() && self.peer_free() == 0
     }
 
     /// Whether host data is waiting (read, or readable) for the guest.
@@ -441,7 +410,7 @@ impl<S: HostStream> Connection<S> {
     }
 
     fn can_send_data(&self) -> bool {
-        !self.staged.is_empty() && self.guest_shutdown & SHUTDOWN_RCV == 0 && self.send_window() > 0
+        !self.staged.is_empty() && self.guest_shutdown & SHUTDOWN_RCV == 0 && self.peer_free() > 0
     }
 
     fn can_read_host(&self) -> bool {
@@ -449,13 +418,13 @@ impl<S: HostStream> Connection<S> {
             && self.host_readable
             && !self.host_eof
             && self.guest_shutdown & SHUTDOWN_RCV == 0
-            && self.send_window() > 0
+            && self.peer_free() > 0
     }
 
     /// Reads up to [`HOST_READ_CHUNK`] bytes (no more than the guest's
     /// credit) from the host stream into the staging buffer.
     fn read_host(&mut self) {
-        let want = HOST_READ_CHUNK.min(usize::try_from(self.send_window()).unwrap_or(usize::MAX));
+        let want = HOST_READ_CHUNK.min(usize::try_from(self.peer_free()).unwrap_or(usize::MAX));
         if self.staging.len() < HOST_READ_CHUNK {
             self.staging.resize(HOST_READ_CHUNK, 0);
         }
@@ -551,7 +520,7 @@ impl<S: HostStream> Connection<S> {
             let n = buf
                 .len()
                 .min(self.staged.len())
-                .min(usize::try_from(self.send_window()).unwrap_or(usize::MAX));
+                .min(usize::try_from(self.peer_free()).unwrap_or(usize::MAX));
             let start = self.staged.start;
             buf[..n].copy_from_slice(&self.staging[start..start + n]);
             self.staged.start += n;
@@ -569,7 +538,7 @@ impl<S: HostStream> Connection<S> {
             // The host stream ended just now.
             return self.next_packet(guest_cid, buf);
         }
-        if self.wants_to_send() && self.send_window() == 0 && !self.credit_requested {
+        if self.wants_to_send() && self.peer_free() == 0 && !self.credit_requested {
             self.credit_requested = true;
             self.pending.credit_request = true;
         }
@@ -943,44 +912,6 @@ mod tests {
         // Drained: the next read finds nothing and the stream is watched.
         assert!(c.next_packet(CID, &mut buf).is_none());
         assert_eq!(c.interest(), (true, false));
-    }
-
-    #[test]
-    fn a_nearly_closed_window_waits_for_credit_instead_of_small_packets() {
-        let (mut c, mut host) = established();
-        // The guest offered 65536 bytes; the host has more than that.
-        host.write_all(&[9u8; 100_000]).unwrap();
-        c.host_readable();
-        let mut sizes = Vec::new();
-        while let Some((h, data)) = next(&mut c, 4096) {
-            if op_of(&h) != Op::Rw {
-                assert_eq!(op_of(&h), Op::CreditRequest);
-                break;
-            }
-            sizes.push(data.len());
-        }
-        assert_eq!(sizes.iter().sum::<usize>(), 65536);
-        // The guest read 1000 bytes: a 1000-byte window is not used ...
-        send(&mut c, Op::CreditUpdate, &[], 1000);
-        assert_eq!(c.peer_free(), 1000);
-        assert!(
-            next(&mut c, 4096).is_none(),
-            "no small packet, no second request"
-        );
-        assert!(c.waits_for_credit());
-        // ... until it is worth a packet; then only whole ones go until
-        // the data that is left is smaller.
-        send(&mut c, Op::CreditUpdate, &[], 20_000);
-        let mut more = Vec::new();
-        while let Some((h, data)) = next(&mut c, 4096) {
-            if op_of(&h) != Op::Rw {
-                assert_eq!(op_of(&h), Op::CreditRequest, "out of credit again");
-                break;
-            }
-            more.push(data.len());
-        }
-        assert_eq!(more.iter().sum::<usize>(), 20_000);
-        assert!(more.iter().all(|&n| n == 4096 || n == 20_000 % 4096));
     }
 
     #[test]
