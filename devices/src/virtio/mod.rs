@@ -64,9 +64,18 @@ pub fn exact_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], Ac
 /// would spin for ever on such a ring.
 pub fn avail_index_valid(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
     use virtio_queue::QueueT;
+    avail_ahead(queue, mem).is_some_and(|ahead| ahead <= queue.size())
+}
+
+/// How far the driver's available index is ahead of the device: the
+/// chains it queued that the device has not taken (`None` when the ring
+/// cannot be read).
+pub fn avail_ahead(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
+    use virtio_queue::QueueT;
     queue
         .avail_idx(mem, Ordering::Acquire)
-        .is_ok_and(|idx| (idx - std::num::Wrapping(queue.next_avail())).0 <= queue.size())
+        .ok()
+        .map(|idx| (idx - std::num::Wrapping(queue.next_avail())).0)
 }
 
 /// What a virtio interrupt is about.

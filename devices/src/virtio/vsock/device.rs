@@ -10,9 +10,7 @@
 //!   ([`Vsock::transport_reset`]).
 
 use std::io::{Read, Write};
-use std::num::Wrapping;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -26,8 +24,8 @@ use super::packet::{
 use super::{VsockError, QUEUE_SIZE, VIRTIO_ID_VSOCK};
 use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::{
-    avail_index_valid, read_config_space, ActivateError, GuestMemory, InterruptKind, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
+    avail_ahead, avail_index_valid, read_config_space, ActivateError, GuestMemory, InterruptKind,
+    VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Queue indexes.
@@ -106,13 +104,7 @@ impl Vsock {
         let q = &self.queue_metrics;
         let waiting = |index: usize| {
             self.active.as_ref().map_or(0, |a| {
-                let queue = &a.queues[index];
-                let guard = a.mem.memory();
-                queue
-                    .avail_idx(&*guard, Ordering::Acquire)
-                    .map_or(0, |avail| {
-                        u64::from((avail - Wrapping(queue.next_avail())).0)
-                    })
+                avail_ahead(&a.queues[index], &a.mem.memory()).map_or(0, u64::from)
             })
         };
         VsockMetrics {
